@@ -1,0 +1,65 @@
+"""Model registry: a model is one loader function plus one YAML file in conf/model/.
+
+A loader takes the model's config (a plain dict) and returns a LoadedModel. Loaded models are
+cached per process, so a Hydra multirun loads weights once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from models.errors import ConfigError, unknown_name
+from models.schedules import NoiseSchedule, make_schedule
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    net: Any                      # callable eps(x, t) with t of shape (batch,)
+    schedule: NoiseSchedule
+    shape: tuple                  # shape of one sample
+    data: Any = None              # exact data distribution when known (gmm)
+    info: dict = field(default_factory=dict)
+
+
+MODELS: dict[str, Callable[[dict], LoadedModel]] = {}
+_CACHE: dict[str, LoadedModel] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        MODELS[name] = fn
+        return fn
+    return deco
+
+
+def schedule_from_cfg(cfg: dict) -> NoiseSchedule:
+    sch = dict(cfg.get("schedule") or {})
+    if "name" not in sch:
+        raise ConfigError("model config needs a 'schedule' with a 'name'")
+    return make_schedule(sch.pop("name"), **sch)
+
+
+def load_model(cfg: dict) -> LoadedModel:
+    name = cfg.get("name")
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    if key not in _CACHE:
+        _CACHE[key] = MODELS[name](cfg)
+    return _CACHE[key]
+
+
+@register_model("gmm")
+def _load_gmm(cfg: dict) -> LoadedModel:
+    from models.gmm import GaussianMixture, GMMEps
+
+    schedule = schedule_from_cfg(cfg)
+    if cfg.get("means") is not None:
+        gmm = GaussianMixture(cfg["weights"], cfg["means"], cfg["covs"])
+    else:
+        gmm = GaussianMixture.random(cfg.get("dim", 4), cfg.get("n_components", 3), cfg.get("seed", 0),
+                                     cfg.get("mean_scale", 2.0), cfg.get("cov_min", 0.05), cfg.get("cov_max", 0.5))
+    return LoadedModel("gmm", GMMEps(gmm, schedule), schedule, (gmm.dim,), data=gmm,
+                       info={"dim": gmm.dim, "n_components": gmm.K, "exact": True})

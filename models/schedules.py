@@ -1,0 +1,287 @@
+"""Noise schedules: the single source of truth for alpha(t), sigma(t) and everything derived.
+
+x_t = alpha(t) x_0 + sigma(t) eps.  Every schedule defines log alpha, log sigma and their
+t-derivatives; lambda(t) = log(alpha/sigma) (the half log-SNR), the SDE coefficients
+f(t) = d log alpha / dt and g^2(t) = d sigma^2/dt - 2 f sigma^2 = -2 sigma^2 d lambda/dt
+(Kingma et al. 2021, eq. 33; Lu et al. 2022, DPM-Solver eq. 2.2), and the EDM parametrisation
+sigma_hat = sigma/alpha with x_hat = x/alpha (Karras et al. 2022, eq. 12) all follow here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from models.errors import ConfigError, unknown_name
+
+Tensorish = torch.Tensor | float
+
+
+def _t(x: Tensorish) -> torch.Tensor:
+    return x if torch.is_tensor(x) else torch.tensor(x, dtype=torch.float64)
+
+
+class NoiseSchedule:
+    """Base class. Subclasses implement log_alpha, log_sigma, their derivatives and t_of_lambda."""
+
+    name = "base"
+    T: float = 1.0          # start of sampling (the prior's time)
+    t_min: float = 1e-3     # last positive time a sampler evaluates the network at
+    is_vp = False
+
+    # --- primitives -------------------------------------------------------------------------
+    def log_alpha(self, t):
+        raise NotImplementedError
+
+    def d_log_alpha(self, t):
+        raise NotImplementedError
+
+    def log_sigma(self, t):
+        raise NotImplementedError
+
+    def d_log_sigma(self, t):
+        raise NotImplementedError
+
+    def t_of_lambda(self, lam):
+        raise NotImplementedError
+
+    # --- derived quantities -----------------------------------------------------------------
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(_t(t)))
+
+    def sigma(self, t):
+        return torch.exp(self.log_sigma(_t(t)))
+
+    def lambda_(self, t):
+        t = _t(t)
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def d_lambda(self, t):
+        t = _t(t)
+        return self.d_log_alpha(t) - self.d_log_sigma(t)
+
+    def sigma_hat(self, t):
+        """EDM noise level sigma/alpha = exp(-lambda)."""
+        return torch.exp(-self.lambda_(t))
+
+    def t_of_sigma_hat(self, sigma_hat):
+        return self.t_of_lambda(-torch.log(_t(sigma_hat)))
+
+    def f(self, t):
+        """Drift coefficient of the forward SDE dx = f x dt + g dW."""
+        return self.d_log_alpha(_t(t))
+
+    def g2(self, t):
+        """Squared diffusion coefficient g(t)^2 = -2 sigma^2 d lambda/dt."""
+        t = _t(t)
+        return -2.0 * torch.exp(2 * self.log_sigma(t)) * self.d_lambda(t)
+
+    # --- prior at T -------------------------------------------------------------------------
+    def prior_std(self) -> float:
+        """q_T is approximated by N(0, sigma(T)^2 I) (alpha(T) x_0 is neglected)."""
+        return float(self.sigma(self.T))
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density of the prior N(0, sigma(T)^2 I), summed over all but the batch dim."""
+        s = self.prior_std()
+        d = x[0].numel()
+        return -0.5 * (x.flatten(1) ** 2).sum(1) / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "T": self.T, "t_min": self.t_min}
+
+
+class _VP(NoiseSchedule):
+    """Variance preserving: sigma^2 = 1 - alpha^2, so everything follows from log alpha."""
+
+    is_vp = True
+
+    def log_sigma(self, t):
+        t = _t(t)
+        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def d_log_sigma(self, t):
+        t = _t(t)
+        a2 = torch.exp(2.0 * self.log_alpha(t))
+        return -a2 / (1.0 - a2) * self.d_log_alpha(t)
+
+    @staticmethod
+    def _log_alpha_of_lambda(lam):
+        # alpha^2 = sigmoid(2 lambda)  =>  log alpha = -0.5 softplus(-2 lambda)
+        return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
+
+
+class VPLinear(_VP):
+    """VP SDE with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, eq. 11)."""
+
+    name = "vp_linear"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: float = 1e-3):
+        self.beta_min, self.beta_max, self.T, self.t_min = beta_min, beta_max, T, t_min
+
+    def log_alpha(self, t):
+        t = _t(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def d_log_alpha(self, t):
+        t = _t(t)
+        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+
+    def t_of_lambda(self, lam):
+        # DPM-Solver, appendix: solve the quadratic log alpha(t) = -0.5 log(1 + e^{-2 lambda}).
+        lam = _t(lam)
+        tmp = 2.0 * (self.beta_max - self.beta_min) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        delta = self.beta_min**2 + tmp
+        return tmp / (torch.sqrt(delta) + self.beta_min) / (self.beta_max - self.beta_min)
+
+    def describe(self):
+        return {**super().describe(), "beta_min": self.beta_min, "beta_max": self.beta_max}
+
+
+class VPCosine(_VP):
+    """iDDPM cosine schedule: alpha(t) = cos((t+s)/(1+s) pi/2) / cos(s/(1+s) pi/2) (Nichol & Dhariwal 2021, eq. 17)."""
+
+    name = "vp_cosine"
+
+    def __init__(self, s: float = 0.008, T: float = 0.9946, t_min: float = 1e-3):
+        # T < 1 keeps log alpha finite; 0.9946 is DPM-Solver's choice for this schedule.
+        self.s, self.T, self.t_min = s, T, t_min
+        self._log_alpha0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
+
+    def _angle(self, t):
+        return (t + self.s) / (1 + self.s) * math.pi / 2
+
+    def log_alpha(self, t):
+        t = _t(t)
+        return torch.log(torch.cos(self._angle(t))) - self._log_alpha0
+
+    def d_log_alpha(self, t):
+        t = _t(t)
+        return -torch.tan(self._angle(t)) * math.pi / (2 * (1 + self.s))
+
+    def t_of_lambda(self, lam):
+        lam = _t(lam)
+        log_alpha = self._log_alpha_of_lambda(lam)
+        return 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha0)) - self.s
+
+    def describe(self):
+        return {**super().describe(), "s": self.s}
+
+
+class VPDiscrete(_VP):
+    """Discrete DDPM betas made continuous: log alpha interpolated piecewise-linearly over
+    t_n = (n+1)/N, n = 0..N-1 (DPM-Solver's NoiseScheduleVP('discrete'), Lu et al. 2022, app. D)."""
+
+    name = "vp_discrete"
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000,
+                 betas: list[float] | None = None, T: float = 1.0, t_min: float | None = None):
+        if betas is None:
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        else:
+            betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.N = len(betas)
+        self.beta_start, self.beta_end = float(betas[0]), float(betas[-1])
+        self.t_n = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
+        self.log_alpha_n = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
+        self.T = T
+        self.t_min = 1.0 / self.N if t_min is None else t_min
+
+    def _interp(self, x, xp, fp):
+        """Piecewise-linear interpolation with linear extrapolation at both ends; returns value and slope."""
+        x = _t(x)
+        xp_, fp_ = xp.to(x.dtype), fp.to(x.dtype)
+        if xp_[0] > xp_[-1]:
+            xp_, fp_ = xp_.flip(0), fp_.flip(0)
+        idx = torch.clamp(torch.searchsorted(xp_, x.detach().contiguous()) - 1, 0, len(xp_) - 2)
+        x0, x1, y0, y1 = xp_[idx], xp_[idx + 1], fp_[idx], fp_[idx + 1]
+        slope = (y1 - y0) / (x1 - x0)
+        return y0 + slope * (x - x0), slope
+
+    def log_alpha(self, t):
+        return self._interp(t, self.t_n, self.log_alpha_n)[0]
+
+    def d_log_alpha(self, t):
+        return self._interp(t, self.t_n, self.log_alpha_n)[1]
+
+    def t_of_lambda(self, lam):
+        lam = _t(lam)
+        return self._interp(self._log_alpha_of_lambda(lam), self.log_alpha_n, self.t_n)[0]
+
+    def describe(self):
+        return {**super().describe(), "num_steps": self.N, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+class VE(NoiseSchedule):
+    """Variance exploding: alpha = 1, sigma(t) = sigma_min (sigma_max/sigma_min)^t (Song et al. 2021, eq. 9)."""
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0, t_min: float = 1e-5):
+        self.sigma_min, self.sigma_max, self.T, self.t_min = sigma_min, sigma_max, T, t_min
+        self._r = math.log(sigma_max / sigma_min)
+
+    def log_alpha(self, t):
+        return torch.zeros_like(_t(t))
+
+    def d_log_alpha(self, t):
+        return torch.zeros_like(_t(t))
+
+    def log_sigma(self, t):
+        return math.log(self.sigma_min) + _t(t) * self._r
+
+    def d_log_sigma(self, t):
+        return torch.full_like(_t(t), self._r)
+
+    def t_of_lambda(self, lam):
+        return (-_t(lam) - math.log(self.sigma_min)) / self._r
+
+    def describe(self):
+        return {**super().describe(), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+class EDM(NoiseSchedule):
+    """EDM: alpha = 1, sigma(t) = t, sampled on [sigma_min, sigma_max] (Karras et al. 2022, table 1)."""
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.T, self.t_min = sigma_max, sigma_min
+
+    def log_alpha(self, t):
+        return torch.zeros_like(_t(t))
+
+    def d_log_alpha(self, t):
+        return torch.zeros_like(_t(t))
+
+    def log_sigma(self, t):
+        return torch.log(_t(t))
+
+    def d_log_sigma(self, t):
+        return 1.0 / _t(t)
+
+    def t_of_lambda(self, lam):
+        return torch.exp(-_t(lam))
+
+    def describe(self):
+        return {**super().describe(), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
+    "vp_linear": VPLinear,
+    "vp_cosine": VPCosine,
+    "vp_discrete": VPDiscrete,
+    "ve": VE,
+    "edm": EDM,
+}
+
+
+def make_schedule(name: str, **kwargs) -> NoiseSchedule:
+    if name not in SCHEDULES:
+        raise unknown_name("noise schedule", name, SCHEDULES)
+    try:
+        return SCHEDULES[name](**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"noise schedule '{name}' got bad parameters {sorted(kwargs)}: {e}") from None

@@ -1,0 +1,2 @@
+"""Import every solver module so that each registers itself."""
+import solvers.rk  # noqa: F401

@@ -1,0 +1,59 @@
+"""Explicit Runge-Kutta methods as Butcher tableaus driven by one step function (Butcher 2016, sec. 23).
+
+The last step, from the last positive time to sigma_hat = 0, is the x0-prediction made from the
+evaluation at the last positive time (EDM's Algorithm 1, line 8: Heun's last step is Euler), so a
+tableau with s stages spends NFE = s * (steps - 1) + 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from solvers.registry import register_solver
+from solvers.variables import ODEVariable
+
+# name: (A (strictly lower triangular), b, c, order)
+TABLEAUS = {
+    "euler": ([[0.0]], [1.0], [0.0], 1),
+    "heun": ([[0.0, 0.0], [1.0, 0.0]], [0.5, 0.5], [0.0, 1.0], 2),
+    "midpoint": ([[0.0, 0.0], [0.5, 0.0]], [0.0, 1.0], [0.0, 0.5], 2),
+    "ralston": ([[0.0, 0.0], [2 / 3, 0.0]], [0.25, 0.75], [0.0, 2 / 3], 2),
+    "rk3": ([[0, 0, 0], [0.5, 0, 0], [-1.0, 2.0, 0]], [1 / 6, 2 / 3, 1 / 6], [0.0, 0.5, 1.0], 3),
+    "rk4": ([[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1.0, 0]],
+            [1 / 6, 1 / 3, 1 / 3, 1 / 6], [0.0, 0.5, 0.5, 1.0], 4),
+}
+
+
+def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat"):
+    A, b, c, _ = TABLEAUS[tableau]
+    V = ODEVariable(dyn, variable)
+    s = V.s_of_t(t)
+    y = V.to_state(x, t[0])
+    for n in range(len(t) - 1):
+        h = s[n + 1] - s[n]
+        k = []
+        for i in range(len(b)):
+            yi = y
+            for j in range(i):
+                if A[i][j] != 0.0:
+                    yi = yi + (h * A[i][j]).to(y.dtype) * k[j]
+            k.append(V.deriv(s[n] + c[i] * h, yi)[0])
+        y = y + sum((h * bi).to(y.dtype) * ki for bi, ki in zip(b, k) if bi != 0.0)
+    _, eps = V.deriv(s[-1], y)
+    return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
+
+
+def _register_rk(name: str):
+    stages, order = len(TABLEAUS[name][1]), TABLEAUS[name][3]
+
+    def fn(dyn, x, t, rng=None, variable: str = "sigma_hat"):
+        return rk_sample(dyn, x, t, rng, tableau=name, variable=variable)
+
+    fn.__name__ = f"{name}_sample"
+    fn.__doc__ = f"Explicit Runge-Kutta '{name}' ({stages} stages, order {order}) on the probability-flow ODE."
+    formula = "steps" if stages == 1 else f"{stages}*steps - {stages - 1}"
+    register_solver(name, nfe_of_steps=lambda steps, **_: stages * (steps - 1) + 1, nfe_formula=formula,
+                    min_steps=2, order=order, default_timesteps="edm")(fn)
+
+
+for _name in TABLEAUS:
+    _register_rk(_name)
