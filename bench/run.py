@@ -117,7 +117,7 @@ def run(cfg: dict) -> dict:
     nfe = nfes[0]
     if nfe > cfg["nfe"]:
         raise RuntimeError(f"solver '{spec.name}' spent {nfe} NFE, over its budget of {cfg['nfe']}")
-    ctx = MetricContext(model=model, spec=spec, knobs=knobs, t=t, x_T=x_T, samples=samples, device=device,
+    ctx = MetricContext(cfg=cfg, model=model, spec=spec, knobs=knobs, t=t, x_T=x_T, samples=samples, device=device,
                         dtype=dtype, batch_size=cfg["batch_size"])
     values, protocols = {}, {}
     for m in metrics:

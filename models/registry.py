@@ -42,6 +42,8 @@ def schedule_from_cfg(cfg: dict) -> NoiseSchedule:
 
 
 def load_model(cfg: dict) -> LoadedModel:
+    import models.all  # noqa: F401  (registers every loader)
+
     name = cfg.get("name")
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)

@@ -31,3 +31,10 @@ class PerSampleRNG:
 
     def randn_like(self, x):
         return self.randn(x.shape[1:], dtype=x.dtype)
+
+    def increment(self, x, t_from, t_to):
+        """A standard normal z standing for the Brownian increment (W(t_to) - W(t_from)) / sqrt|t_to - t_from|
+        of each sample's path, in the schedule's native time t.  Solvers that discretise the reverse SDE
+        draw their noise through this method, so a strong-error reference can substitute a path-consistent
+        source (one Brownian path per sample on a fine grid); here it is simply a fresh draw."""
+        return self.randn_like(x)

@@ -14,6 +14,7 @@ from models.errors import unknown_name
 
 @dataclass
 class MetricContext:
+    cfg: dict             # the run's full config (plain dict)
     model: Any            # models.registry.LoadedModel
     spec: Any             # solvers.registry.SolverSpec
     knobs: dict           # solver knobs
@@ -51,7 +52,7 @@ def register_metric(name: str):
 
 
 def make_metric(name: str, knobs: dict | None) -> Metric:
-    import bench.metrics.trunc  # noqa: F401
+    import bench.metrics.all  # noqa: F401  (registers every metric)
 
     if name not in METRICS:
         raise unknown_name("metric", name, METRICS)
