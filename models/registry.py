@@ -19,8 +19,14 @@ class LoadedModel:
     net: Any                      # callable eps(x, t) with t of shape (batch,)
     schedule: NoiseSchedule
     shape: tuple                  # shape of one sample
-    data: Any = None              # exact data distribution when known (gmm)
+    data: Any = None              # exact data distribution when known (gmm): sample, log_prob, mean, cov
     info: dict = field(default_factory=dict)
+    # For data-based metrics (FID, NLL on real data); None where the model has no such data.
+    real_data: Any = None         # callable(split: 'train' | 'test') -> tensor (n, *shape) in model space
+    feature_net: Any = None       # callable(samples) -> (n, F) features for FID on this domain
+    dataset_id: str | None = None # names the data set in cache keys of reference statistics
+    data_range: tuple | None = None   # (lo, hi) of model-space data, e.g. (-1, 1) for images
+    n_levels: int | None = None   # quantisation levels of the raw data (256 for 8-bit, 17 for digits)
 
 
 MODELS: dict[str, Callable[[dict], LoadedModel]] = {}

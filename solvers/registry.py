@@ -23,6 +23,7 @@ class SolverSpec:
     min_steps: int = 2                   # fewest steps (grid points) the method is defined for
     order: Callable[..., float] | float | None = None   # theoretical global order (deterministic solvers)
     stochastic: bool = False
+    brownian: bool = False               # stochastic solver drawing all its noise via rng.increment (strong error defined)
     default_timesteps: str = "edm"
     final_step: str = "denoise"          # 'denoise': last step is x0-prediction at the last positive sigma
 
