@@ -1,6 +1,7 @@
 """The Hydra app behind `python -m bench run`: one job = one benchmark cell."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -12,16 +13,49 @@ from models.errors import ConfigError
 
 log = logging.getLogger("bench")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+OUTCOME = "outcome.json"   # each job's outcome, read by bench.sweep.SweepSummary at the end of a multirun
+
+
+def _job_context():
+    """(is this job part of a multirun, its output directory) or (False, None) outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        hc = HydraConfig.get()
+        return hc.mode == RunMode.MULTIRUN, Path(hc.runtime.output_dir)
+    except Exception:  # noqa: BLE001
+        return False, None
+
+
+def _write_outcome(out_dir, outcome: dict) -> None:
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / OUTCOME).write_text(json.dumps(outcome, default=str))
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from bench.run import format_summary, run
+    from bench.run import cell_label, format_summary, run
 
+    multirun, out_dir = _job_context()
+    overrides = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001
+        pass
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         row = run(plain)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        _write_outcome(out_dir, {"status": "invalid", "cell": " ".join(overrides), "reason": str(e)})
+        if multirun:        # a sweep goes on; a single run exits 2 having recorded nothing
+            return
         sys.exit(2)
     print(format_summary(row))
+    reason = row.get("reason") or row.get("error") or (
+        f"step {row.get('diverged_step')}" if row["status"] == "diverged" else "")
+    _write_outcome(out_dir, {"status": row["status"], "cell": cell_label(row), "key": row["key"], "reason": reason})
+    if row["status"] == "failed" and not multirun:
+        sys.exit(1)

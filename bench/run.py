@@ -4,11 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench import store
@@ -52,13 +54,41 @@ def _split_knobs(node: dict, reserved=("name",)) -> dict:
     return {k: v for k, v in node.items() if k not in reserved}
 
 
-def cell_key(row: dict) -> str:
-    """Identity of a benchmark cell: everything that determines its numbers."""
-    ident = {k: row[k] for k in ("model", "solver", "solver_knobs", "timesteps", "nfe_budget", "seed",
-                                 "n_samples", "dtype", "protocols", "code_version")}
-    ident["model_cfg"] = row["config"]["model"]
-    ident["timesteps_cfg"] = row["config"]["timesteps"]
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+CELL_FIELDS = ("model", "model_cfg", "solver", "solver_knobs", "timesteps", "timesteps_cfg", "nfe_budget", "seed",
+               "n_samples", "dtype", "metric_protocol")
+
+
+def cell_identity(cfg: dict) -> dict:
+    """What determines a cell's numbers, from the config alone (so a rerun can skip before any work):
+    model and its config, solver and knobs, time steps, NFE budget, seed, sample count, dtype, and the metric
+    protocol (the metrics chosen with their knobs), plus the code version.  Raises ConfigError on bad names."""
+    spec = get_solver(cfg["solver"]["name"])
+    ts_cfg = dict(cfg["timesteps"])
+    ts_name = ts_cfg.pop("name")
+    if ts_name == "auto":
+        ts_name, ts_cfg = spec.default_timesteps, {}
+    metric_cfg = cfg.get("metric_cfg") or {}
+    return {
+        "model": cfg["model"].get("name"), "model_cfg": cfg["model"], "solver": spec.name,
+        "solver_knobs": _split_knobs(cfg["solver"]), "timesteps": ts_name, "timesteps_cfg": ts_cfg,
+        "nfe_budget": cfg["nfe"], "seed": cfg["seed"], "n_samples": cfg["n_samples"], "dtype": cfg["dtype"],
+        "metric_protocol": {m: metric_cfg.get(m) for m in sorted(cfg["metrics"] or [])},
+        "code_version": code_version(),
+    }
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cell_key(ident: dict) -> str:
+    """Key of a cell: hash of its whole identity (code version included)."""
+    return _digest({k: ident[k] for k in (*CELL_FIELDS, "code_version")})
+
+
+def cell_id(ident: dict) -> str:
+    """The cell without its code version: what `bench compare` matches across versions."""
+    return _digest({k: ident[k] for k in CELL_FIELDS})
 
 
 def plan(cfg: dict):
@@ -82,17 +112,19 @@ def plan(cfg: dict):
     return spec, knobs, metrics, steps, ts_name, ts_cfg, model, t
 
 
-def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, progress=False):
-    """Sample n_samples with per-sample randomness; returns x_T, samples, counted NFE per batch, seconds."""
+def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, progress=False, indices=None):
+    """Sample with per-sample randomness (sample i from its own generator (seed, i)); `indices` picks which of
+    the n_samples (default all).  Returns x_T, samples, counted NFE per batch, seconds."""
+    indices = list(range(n_samples) if indices is None else indices)
     xs_T, xs, nfes = [], [], []
     net = model.net.to(device) if hasattr(model.net, "to") else model.net
-    batches = range(0, n_samples, batch_size)
+    batches = range(0, len(indices), batch_size)
     if progress and len(batches) > 1:
         from tqdm import tqdm
         batches = tqdm(batches, desc=f"{spec.name} sampling", unit="batch", leave=False)
     t0 = time.perf_counter()
     for i in batches:
-        rng = PerSampleRNG(seed, range(i, min(i + batch_size, n_samples)), device=device, dtype=dtype)
+        rng = PerSampleRNG(seed, indices[i:i + batch_size], device=device, dtype=dtype)
         x_T = rng.randn(model.shape) * model.schedule.prior_std()
         dyn = Dynamics(net, model.schedule)
         with torch.inference_mode():
@@ -105,40 +137,206 @@ def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, 
     return torch.cat(xs_T), torch.cat(xs), nfes, time.perf_counter() - t0
 
 
-def run(cfg: dict) -> dict:
-    """Run one cell and record its row; returns the row.  Raises ConfigError before any work on bad input."""
+class FiniteWatch:
+    """Wraps the network and notes the first evaluation whose input or output is not finite."""
+
+    def __init__(self, net):
+        self.net, self.first = net, None
+
+    def __call__(self, x, t):
+        out = self.net(x, t)
+        if self.first is None:
+            if not bool(torch.isfinite(x).all()):
+                self.first = ("input", float(t.reshape(-1)[0]))
+            elif not bool(torch.isfinite(out).all()):
+                self.first = ("output", float(t.reshape(-1)[0]))
+        return out
+
+
+def step_of(t, where: str, t_eval: float | None) -> int:
+    """1-based step (step k goes from t[k-1] to t[k], the last one to sigma_hat = 0) that produced the
+    first non-finite value: an evaluation at grid time t[m] with a non-finite input was fed by step m."""
+    n = len(t)
+    if t_eval is None:
+        return n
+    tg = t.double().tolist()
+    on_grid = [m for m, tm in enumerate(tg) if abs(tm - t_eval) <= 1e-5 * max(abs(tm), 1e-12)]
+    if on_grid:
+        m = on_grid[0]
+        return max(m, 1) if where == "input" else m + 1
+    return max(1, sum(1 for tm in tg if tm > t_eval))
+
+
+def locate_divergence(model, spec, knobs, t, seed, indices, device, dtype) -> int:
+    """Re-run the samples that diverged with a finiteness check on every network call; returns the step."""
+    net = model.net.to(device) if hasattr(model.net, "to") else model.net
+    watch = FiniteWatch(net)
+    rng = PerSampleRNG(seed, indices, device=device, dtype=dtype)
+    x_T = rng.randn(model.shape) * model.schedule.prior_std()
+    with torch.inference_mode():
+        spec.fn(Dynamics(watch, model.schedule), x_T, t, rng, **knobs)
+    where, t_eval = watch.first or ("output", None)
+    return step_of(t, where, t_eval)
+
+
+def shard_indices(n_samples: int, num_shards: int, shard_index: int) -> range:
+    """Contiguous block of sample indices of one shard (sample i's noise depends only on (seed, i))."""
+    lo = n_samples * shard_index // num_shards
+    return range(lo, n_samples * (shard_index + 1) // num_shards)
+
+
+def _shard_worker(cfg: dict, k: int):
+    """Process-pool entry: one thread per worker process, then _shard_job."""
+    torch.set_num_threads(1)
+    return _shard_job(cfg, k)
+
+
+def _shard_job(cfg: dict, k: int):
+    """Generate shard k of cfg in this process."""
+    spec, knobs, _, _, _, _, model, t = plan(cfg)
+    device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
+    idx = shard_indices(cfg["n_samples"], cfg["num_shards"], k)
+    x_T, x, nfes, secs = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"], cfg["seed"],
+                                  device, dtype, indices=idx)
+    return {"x_T": x_T.cpu(), "samples": x.cpu(), "nfes": nfes, "seconds": secs, "indices": list(idx)}
+
+
+def _shard_path(cfg: dict, key: str, k: int) -> Path:
+    return Path(cfg["results_dir"]) / "shards" / key / f"{k}-of-{cfg['num_shards']}.pt"
+
+
+def _save_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def generate_sharded(cfg: dict, key: str, device, dtype):
+    """All samples of a cell from its shards: shard files already on disk (written by runs with shard_index=k,
+    e.g. on other machines) are loaded, the rest generated here in `workers` processes.  Results do not
+    depend on the sharding because every sample has its own generator."""
+    n = cfg["num_shards"]
+    parts, todo = {}, []
+    for k in range(n):
+        p = _shard_path(cfg, key, k)
+        if p.exists():
+            parts[k] = torch.load(p)
+        else:
+            todo.append(k)
+    if todo and cfg.get("workers", 1) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(cfg["workers"], len(todo)), mp_context=mp.get_context("spawn")) as ex:
+            for k, part in zip(todo, ex.map(_shard_worker, [cfg] * len(todo), todo)):
+                parts[k] = part
+    else:
+        for k in todo:
+            parts[k] = _shard_job(cfg, k)
+    parts = [parts[k] for k in range(n) if len(parts[k]["indices"])]
+    cat = lambda f: torch.cat([p[f] for p in parts]).to(device, dtype)  # noqa: E731
+    return (cat("x_T"), cat("samples"), [v for p in parts for v in p["nfes"]],
+            max(p["seconds"] for p in parts))
+
+
+def save_samples(cfg: dict, key: str, samples) -> str | None:
+    """Keep the first `save_samples` samples as results_dir/samples/<key>.npz; returns the path relative to results_dir."""
+    k = int(cfg.get("save_samples", 0) or 0)
+    if k <= 0:
+        return None
+    rel = f"samples/{key}.npz"
+    x = samples[:k].detach().cpu().float().numpy()
+    _save_atomic(Path(cfg["results_dir"]) / rel, lambda f: np.savez_compressed(f, samples=x))
+    return rel
+
+
+def run(cfg: dict, force: bool | None = None) -> dict:
+    """Run one cell and record its row; returns the row.
+
+    A cell already recorded (status ok or diverged) is skipped before any work unless force; bad input raises
+    ConfigError before any work and records nothing; NaN/Inf in the samples records status 'diverged' with the
+    step; any other error records status 'failed' with the message."""
     t_start = time.perf_counter()
+    force = bool(cfg.get("force", False)) if force is None else force
+    ident = cell_identity(cfg)
+    key = cell_key(ident)
+    head = {"key": key, "cell": cell_id(ident), "model": ident["model"], "solver": ident["solver"],
+            "solver_knobs": ident["solver_knobs"], "timesteps": ident["timesteps"], "nfe_budget": cfg["nfe"],
+            "seed": cfg["seed"], "n_samples": cfg["n_samples"], "dtype": cfg["dtype"],
+            "code_version": ident["code_version"]}
+    if not force:
+        done = store.find_done(cfg["results_dir"], key)
+        if done:
+            return {**head, "status": "skipped", "reason": f"already recorded (run {done['id']}, {done['status']})"}
+    num_shards, shard_index = int(cfg.get("num_shards", 1) or 1), cfg.get("shard_index")
+    if num_shards < 1 or (shard_index is not None and not 0 <= shard_index < num_shards):
+        raise ConfigError(f"shard_index must be null or in 0..num_shards-1 and num_shards >= 1, "
+                          f"got shard_index={shard_index!r}, num_shards={num_shards!r}")
     spec, knobs, metrics, steps, ts_name, ts_cfg, model, t = plan(cfg)
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
-    x_T, samples, nfes, sampling_time = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"],
-                                                 cfg["seed"], device, dtype, cfg.get("progress", False))
-    if len(set(nfes)) != 1:
-        raise RuntimeError(f"solver '{spec.name}' spent different NFE on different batches: {nfes}")
-    nfe = nfes[0]
-    if nfe > cfg["nfe"]:
-        raise RuntimeError(f"solver '{spec.name}' spent {nfe} NFE, over its budget of {cfg['nfe']}")
-    ctx = MetricContext(cfg=cfg, model=model, spec=spec, knobs=knobs, t=t, x_T=x_T, samples=samples, device=device,
-                        dtype=dtype, batch_size=cfg["batch_size"])
-    values, protocols = {}, {}
-    for m in metrics:
-        protocols[m.name] = m.protocol(ctx)
-        values.update(m.compute(ctx))
-    row = {
-        "status": "ok", "model": model.name, "solver": spec.name, "solver_knobs": knobs,
-        "timesteps": ts_name, "nfe_budget": cfg["nfe"], "nfe": nfe, "steps": steps, "seed": cfg["seed"],
-        "n_samples": cfg["n_samples"], "dtype": cfg["dtype"], "device": str(device),
-        "final_step": spec.final_step, "metrics": values, "protocols": protocols,
-        "sampling_time_s": sampling_time, "code_version": code_version(), "config": cfg,
-    }
-    row["config"] = {**cfg, "timesteps": {"name": ts_name, **ts_cfg}}
-    row["key"] = cell_key(row)
+    config = {**cfg, "timesteps": {"name": ts_name, **ts_cfg}}
+    row = {**head, "steps": steps, "device": str(device), "final_step": spec.final_step, "metrics": {},
+           "protocols": {}, "sample_shape": list(model.shape), "config": config}
+    if shard_index is not None:
+        part = _shard_job({**cfg, "num_shards": num_shards}, shard_index)
+        path = _shard_path({**cfg, "num_shards": num_shards}, key, shard_index)
+        _save_atomic(path, lambda f: torch.save(part, f))
+        return {**row, "status": "shard", "reason": f"wrote {len(part['indices'])} samples to {path}"}
+    try:
+        if num_shards > 1:
+            x_T, samples, nfes, sampling_time = generate_sharded({**cfg, "num_shards": num_shards}, key, device, dtype)
+        else:
+            x_T, samples, nfes, sampling_time = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"],
+                                                         cfg["seed"], device, dtype, cfg.get("progress", False))
+        if len(set(nfes)) != 1:
+            raise RuntimeError(f"solver '{spec.name}' spent different NFE on different batches: {nfes}")
+        nfe = nfes[0]
+        if nfe > cfg["nfe"]:
+            raise RuntimeError(f"solver '{spec.name}' spent {nfe} NFE, over its budget of {cfg['nfe']}")
+        row.update(nfe=nfe, sampling_time_s=sampling_time)
+        bad = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            first = [int(i) for i in torch.nonzero(bad).flatten()[: cfg["batch_size"]]]
+            row.update(status="diverged", n_diverged=int(bad.sum()),
+                       diverged_step=locate_divergence(model, spec, knobs, t, cfg["seed"], first, device, dtype))
+        else:
+            ctx = MetricContext(cfg=cfg, model=model, spec=spec, knobs=knobs, t=t, x_T=x_T, samples=samples,
+                                device=device, dtype=dtype, batch_size=cfg["batch_size"])
+            for m in metrics:
+                row["protocols"][m.name] = m.protocol(ctx)
+                row["metrics"].update(m.compute(ctx))
+            row["status"] = "ok"
+            row["samples_path"] = save_samples(cfg, key, samples)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  (recorded, so that a sweep goes on)
+        log.exception("cell %s failed", key)
+        row.update(status="failed", error=f"{type(e).__name__}: {e}")
     row["wall_time_s"] = time.perf_counter() - t_start
-    row["id"] = store.append_row(cfg["results_dir"], {k: v for k, v in row.items() if k != "id"})
+    rid = store.record(cfg["results_dir"], row, force=force)
+    if rid is None:
+        return {**row, "status": "skipped", "reason": "recorded meanwhile by another worker"}
+    row["id"] = rid
     return row
 
 
+def cell_label(row: dict) -> str:
+    """One line naming a cell: model solver nfe=N seed=S."""
+    knobs = "".join(f" {k}={v}" for k, v in (row.get("solver_knobs") or {}).items())
+    return f"{row['model']} {row['solver']}{knobs} nfe={row['nfe_budget']} seed={row['seed']} n={row['n_samples']}"
+
+
 def format_summary(row: dict) -> str:
-    """A short table of one run for the terminal."""
+    """A short table of one run for the terminal (one line for a skipped, failed or diverged cell)."""
+    st = row["status"]
+    if st in ("skipped", "shard"):
+        return f"  {st}: {cell_label(row)}: {row['reason']}"
+    if st == "failed":
+        return f"  failed: {cell_label(row)}: {row['error']}  (recorded as run {row['id']})"
+    if st == "diverged":
+        return (f"  diverged: {cell_label(row)}: {row['n_diverged']} of {row['n_samples']} samples not finite, "
+                f"first at step {row['diverged_step']} of {row['steps']}  (recorded as run {row['id']})")
     lines = [
         ("model", row["model"]),
         ("solver", row["solver"] + (f" {row['solver_knobs']}" if row["solver_knobs"] else "")),
