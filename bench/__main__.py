@@ -14,6 +14,11 @@ USAGE = """usage: python -m bench COMMAND [overrides]
 
 commands:
   run       run one benchmark cell (or a sweep with -m), e.g.  python -m bench run solver=heun nfe=18
+  report    tables, plots and sample grids per model under results/report/
+  compare   flag quality regressions against a baseline:  python -m bench compare --baseline results/baseline
+  baseline  rerun the sweeps of conf/baseline.yaml and rewrite results/baseline/<model>.csv
+  export    write the results store to CSV and Parquet
+  overhead  solver overhead: wall time / (counted NFE x one network forward)
 """
 
 
@@ -49,7 +54,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def _lazy(module, name):
+    def cmd(args):
+        import importlib
+        return getattr(importlib.import_module(module), name)(args)
+    return cmd
+
+
+COMMANDS = {"run": cmd_run, "report": _lazy("bench.compare", "cmd_report"),
+            "compare": _lazy("bench.compare", "cmd_compare"), "baseline": _lazy("bench.compare", "cmd_baseline"),
+            "export": _lazy("bench.compare", "cmd_export"), "overhead": _lazy("bench.overhead", "main")}
 
 
 def main(argv=None) -> int:

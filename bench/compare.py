@@ -1,0 +1,194 @@
+"""Regression check against a baseline: `python -m bench compare --baseline PATH`, and `python -m bench baseline`
+which regenerates the committed baseline (results/baseline/<model>.csv) from the sweeps in conf/baseline.yaml.
+
+Cells are matched on `cell` (the cell identity without the code version).  A cell regresses when
+  FID          rises by more than tol_fid relative:   (fid - fid_base) / fid_base > tol_fid
+  NLL          rises by more than tol_nll bits/dim:    nll_bpd - nll_base > tol_nll
+  an error     grows by more than the factor tol_err:  err / err_base > tol_err   (trunc_rms and other *_rms)
+or when a cell that finished in the baseline now diverges or fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench import store
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_DIR = REPO / "results" / "baseline"
+
+
+def rule(col: str):
+    """(kind, tolerance name) of a metric column, or None when it is not checked."""
+    if col == "fid" or col.startswith("fid_"):
+        return "relative", "fid"
+    if col.startswith("nll"):
+        return "absolute", "nll"
+    if col.endswith("_rms") or col.endswith("_err") or col.startswith("err"):
+        return "ratio", "err"
+    return None
+
+
+def read_baseline(path) -> pd.DataFrame:
+    """A baseline CSV, or every *.csv in a directory."""
+    p = Path(path)
+    files = sorted(p.glob("*.csv")) if p.is_dir() else [p]
+    if not files or not all(f.exists() for f in files):
+        from models.errors import ConfigError
+        raise ConfigError(f"No baseline CSV at '{path}'. Give a CSV written by `python -m bench export` "
+                          f"or a directory of them (e.g. results/baseline).")
+    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+
+
+def _finished_latest(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[df["status"].isin(list(store.DONE) + ["failed"])]
+    if "id" in df:
+        df = df.sort_values("id")
+    return df.groupby("cell", as_index=False).last()
+
+
+def regressions(current: pd.DataFrame, baseline: pd.DataFrame, tol_fid=0.1, tol_nll=0.02, tol_err=1.5):
+    """Rows (cell label, metric, baseline, current, why) of every regression; plus the number of cells compared."""
+    tol = {"fid": tol_fid, "nll": tol_nll, "err": tol_err}
+    cur, base = _finished_latest(current), _finished_latest(baseline)
+    both = base.merge(cur, on="cell", suffixes=("_base", ""))
+    out = []
+    for _, r in both.iterrows():
+        label = f"{r['model']} {r['solver']} nfe={r['nfe_budget']} seed={r['seed']} n={r['n_samples']}"
+        if r["status_base"] == "ok" and r["status"] != "ok":
+            out.append((label, "status", "ok", r["status"], str(r.get("error") or f"step {r.get('diverged_step')}")))
+            continue
+        for col in baseline.columns:
+            kind = rule(col)
+            if kind is None or col not in current.columns:
+                continue
+            b, c = pd.to_numeric(r[f"{col}_base"], errors="coerce"), pd.to_numeric(r[col], errors="coerce")
+            if pd.isna(b) or pd.isna(c):
+                continue
+            k, name = kind
+            t = tol[name]
+            if k == "relative" and b > 0 and (c - b) / b > t:
+                out.append((label, col, b, c, f"+{(c - b) / b:.1%} > {t:.0%}"))
+            elif k == "absolute" and c - b > t:
+                out.append((label, col, b, c, f"+{c - b:.4f} bits/dim > {t}"))
+            elif k == "ratio" and b > 0 and c / b > t:
+                out.append((label, col, b, c, f"x{c / b:.2f} > x{t}"))
+    return out, len(both)
+
+
+def cmd_compare(args) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench compare")
+    ap.add_argument("--baseline", required=True, help="baseline CSV, or a directory of them (results/baseline)")
+    ap.add_argument("--results-dir", default="results", help="results store to check")
+    ap.add_argument("--tol-fid", type=float, default=0.1, help="largest allowed relative FID increase")
+    ap.add_argument("--tol-nll", type=float, default=0.02, help="largest allowed NLL increase, bits/dim")
+    ap.add_argument("--tol-err", type=float, default=1.5, help="largest allowed error ratio (current / baseline)")
+    ap.add_argument("--require-match", action="store_true", help="fail when no cell is in both")
+    a = ap.parse_args(args)
+    from models.errors import ConfigError
+    try:
+        base = read_baseline(a.baseline)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bad, n = regressions(store.load_runs(a.results_dir), base, a.tol_fid, a.tol_nll, a.tol_err)
+    print(f"compared {n} cells present in both {a.results_dir} and {a.baseline}")
+    if n == 0 and a.require_match:
+        print("error: no cell in common with the baseline", file=sys.stderr)
+        return 1
+    for label, col, b, c, why in bad:
+        fb = f"{b:.4g}" if isinstance(b, float) else b
+        fc = f"{c:.4g}" if isinstance(c, float) else c
+        print(f"REGRESSION {label}: {col} {fb} -> {fc} ({why})")
+    if bad:
+        print(f"{len(bad)} regression(s)")
+        return 1
+    print("no regression")
+    return 0
+
+
+def baseline_sweeps() -> dict:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "baseline.yaml"), resolve=True)["sweeps"]
+
+
+def cmd_baseline(args) -> int:
+    """Run the sweeps of conf/baseline.yaml into --results-dir, then write <out>/<model>.csv (unless --no-write)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench baseline")
+    ap.add_argument("--results-dir", default="results/baseline_run", help="store the baseline runs go to")
+    ap.add_argument("--out", default=str(BASELINE_DIR), help="directory of the baseline CSVs")
+    ap.add_argument("--no-write", action="store_true", help="only run the sweeps (CI: then compare)")
+    ap.add_argument("--models", nargs="*", help="only these models of conf/baseline.yaml")
+    a = ap.parse_args(args)
+    sweeps = baseline_sweeps()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for model, overrides in sweeps.items():
+        if a.models and model not in a.models:
+            continue
+        cmd = [sys.executable, "-m", "bench", "run", "-m", f"model={model}", *overrides,
+               f"results_dir={a.results_dir}", "progress=false"]
+        print("+", " ".join(cmd[1:]), flush=True)
+        r = subprocess.run(cmd, cwd=REPO, env=env)
+        if r.returncode:
+            return r.returncode
+    if a.no_write:
+        return 0
+    df = store.load_runs(a.results_dir)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ["cell", "key", "status", "model", "solver", "solver_knobs", "timesteps", "nfe_budget", "nfe", "steps",
+            "seed", "n_samples", "dtype", "code_version", "id", "error", "diverged_step"]
+    for model in sweeps:
+        if a.models and model not in a.models:
+            continue
+        g = df[df["model"] == model]
+        mets = sorted({k for m in g["metrics"].dropna() for k in json.loads(m)})
+        g[[c for c in keep if c in g] + [c for c in mets if c in g]].to_csv(out / f"{model}.csv", index=False)
+        print(f"wrote {out / f'{model}.csv'} ({len(g)} cells)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench export")
+    ap.add_argument("--results-dir", default="results")
+    ap.add_argument("--format", default="csv,parquet", help="csv, parquet or both (comma-separated)")
+    ap.add_argument("--out", default=None, help="output path without extension (default results_dir/runs)")
+    a = ap.parse_args(args)
+    from models.errors import ConfigError
+    try:
+        for fmt in a.format.split(","):
+            path = (a.out + "." + fmt) if a.out else None
+            print(f"wrote {store.export(a.results_dir, path, fmt.strip())}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    import argparse
+
+    from bench.report import report
+
+    ap = argparse.ArgumentParser(prog="python -m bench report")
+    ap.add_argument("--results-dir", default="results")
+    ap.add_argument("--out", default=None, help="default results_dir/report")
+    a = ap.parse_args(args)
+    files = report(a.results_dir, a.out)
+    if not files:
+        print(f"no finished runs in {store.db_path(a.results_dir)}")
+        return 1
+    for f in files:
+        print(f"wrote {f}")
+    return 0
