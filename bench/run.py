@@ -29,13 +29,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Git commit of the code (with '-dirty' when the tree has uncommitted changes)."""
+    """Git commit of the code; with uncommitted changes to tracked files, '-dirty-' and a hash of the diff,
+    so that editing the code changes the cell keys (and a rerun does not skip stale cells)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev or "unknown") + ("-dirty" if dirty and rev else "")
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, timeout=30).stdout
+        if not rev:
+            return "unknown"
+        return rev + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
