@@ -1,6 +1,7 @@
-"""Speed tracking (pytest-benchmark).  Not part of the default test run (testpaths = tests); run with
-    pytest benchmarks/ --benchmark-enable                 (add --benchmark-autosave / --benchmark-compare to track)
-The default model is the exact gmm; per-step overhead = one solver step minus its network calls."""
+"""Speed tracking (pytest-benchmark).  Not collected by the default test run (not a test_*.py file); run with
+    pytest tests/bench_speed.py --benchmark-enable     (add --benchmark-autosave / --benchmark-compare to track)
+The default model is the exact gmm.  test_per_step_overhead times 10 steps with a free network (eps = 0):
+the solver's own work; divide by 10 for one step."""
 import pytest
 import torch
 
