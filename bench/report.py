@@ -141,6 +141,12 @@ def sample_grid(df: pd.DataFrame, results_dir, path: Path, model: str, n_show: i
     first = next(iter(cells.values()))
     if first.ndim == 2 and first.shape[1] < 2:
         return False
+    if first.ndim == 2:    # one frame for every scatter plot, so cells compare at a glance
+        pts = np.concatenate([v[:n_show, :2] for v in cells.values()])
+        pts = pts[np.isfinite(pts).all(axis=1)]
+        lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+        pad = 0.1 * (hi - lo) + 1e-9
+        lo, hi = lo - pad, hi + pad
     labels = sorted({k[0] for k in cells})
     nfes = sorted({k[1] for k in cells})
     fig, axes = plt.subplots(len(labels), len(nfes), figsize=(1.9 * len(nfes) + 1, 1.9 * len(labels) + 0.6),
@@ -160,7 +166,8 @@ def sample_grid(df: pd.DataFrame, results_dir, path: Path, model: str, n_show: i
             x = x[:n_show]
             if x.ndim == 2:
                 ax.scatter(x[:, 0], x[:, 1], s=3)
-                ax.set_aspect("equal", adjustable="datalim")
+                ax.set_xlim(lo[0], hi[0])
+                ax.set_ylim(lo[1], hi[1])
             else:
                 ax.imshow(mosaic(x), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
     fig.suptitle(f"{model}: samples by solver and NFE", fontsize=10)
@@ -171,13 +178,13 @@ def sample_grid(df: pd.DataFrame, results_dir, path: Path, model: str, n_show: i
 
 
 def mosaic(x: np.ndarray) -> np.ndarray:
-    """(n, C, H, W) or (n, H, W) images -> one (rows*H, cols*W) gray mosaic (channels averaged), 1-px gaps."""
+    """(n, C, H, W) or (n, H, W) images in [-1, 1] -> one gray mosaic (channels averaged), 1-px gaps."""
     if x.ndim == 4:
         x = x.mean(axis=1)
     n, h, w = x.shape
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
-    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), -1.0)
+    out = np.zeros((rows * (h + 1) - 1, cols * (w + 1) - 1))     # mid-gray gaps
     for k in range(n):
         r, c = divmod(k, cols)
         out[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = np.clip(x[k], -1, 1)
