@@ -18,6 +18,7 @@ commands:
   compare   flag quality regressions against a baseline:  python -m bench compare --baseline results/baseline
   baseline  rerun the sweeps of conf/baseline.yaml and rewrite results/baseline/<model>.csv
   export    write the results store to CSV and Parquet
+  merge     copy rows of other results stores (e.g. per-node ones) into this one:  python -m bench merge DIR...
   overhead  solver overhead: wall time / (counted NFE x one network forward)
 """
 
@@ -61,9 +62,15 @@ def _lazy(module, name):
     return cmd
 
 
-COMMANDS = {"run": cmd_run, "report": _lazy("bench.compare", "cmd_report"),
-            "compare": _lazy("bench.compare", "cmd_compare"), "baseline": _lazy("bench.compare", "cmd_baseline"),
-            "export": _lazy("bench.compare", "cmd_export"), "overhead": _lazy("bench.overhead", "main")}
+COMMANDS = {
+    "run": cmd_run,
+    "report": _lazy("bench.compare", "cmd_report"),
+    "compare": _lazy("bench.compare", "cmd_compare"),
+    "baseline": _lazy("bench.compare", "cmd_baseline"),
+    "export": _lazy("bench.compare", "cmd_export"),
+    "merge": _lazy("bench.compare", "cmd_merge"),
+    "overhead": _lazy("bench.overhead", "main"),
+}
 
 
 def main(argv=None) -> int:

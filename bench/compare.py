@@ -192,3 +192,19 @@ def cmd_report(args) -> int:
     for f in files:
         print(f"wrote {f}")
     return 0
+
+
+def cmd_merge(args) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench merge")
+    ap.add_argument("sources", nargs="+", help="results dirs to copy rows from")
+    ap.add_argument("--into", default="results", help="results dir that receives the rows")
+    a = ap.parse_args(args)
+    missing = [s for s in a.sources if not store.db_path(s).exists()]
+    if missing:
+        print(f"error: no results store in {', '.join(missing)} (each source needs a {store.DB_NAME})", file=sys.stderr)
+        return 2
+    copied, skipped = store.merge(a.into, a.sources)
+    print(f"merged into {store.db_path(a.into)}: {copied} rows copied, {skipped} cells already there")
+    return 0

@@ -126,6 +126,26 @@ def append_row(results_dir, row: dict) -> int:
     return rid
 
 
+def merge(into, sources) -> tuple[int, int]:
+    """Copy the rows of other stores (e.g. node-local results dirs of a cluster sweep) into `into`, with their
+    saved samples; a finished cell already present is not copied again.  Returns (copied, skipped)."""
+    import shutil
+    copied = skipped = 0
+    for src in sources:
+        df = load_runs(src, expand_metrics=False)
+        for r in df.to_dict("records"):
+            row = {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items() if k != "id"}
+            if row.get("samples_path") and (Path(src) / row["samples_path"]).exists():
+                dst = Path(into) / row["samples_path"]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(src) / row["samples_path"], dst)
+            if record(into, row) is None:
+                skipped += 1
+            else:
+                copied += 1
+    return copied, skipped
+
+
 def load_runs(results_dir, expand_metrics: bool = True) -> pd.DataFrame:
     """All runs as a DataFrame; metric columns are expanded next to the run's fields."""
     if not db_path(results_dir).exists():

@@ -242,3 +242,14 @@ def test_a_cell_that_now_diverges_is_a_regression():
     cur = _frame(trunc_rms=None).assign(status="diverged", diverged_step=3)
     out, _ = regressions(cur, _frame(trunc_rms=0.01))
     assert out and out[0][1] == "status"
+
+
+def test_merge_copies_each_cell_once(tmp_path):
+    a, b, into = tmp_path / "a", tmp_path / "b", tmp_path / "into"
+    ra = brun.run(cfg_for(a, "solver=euler", "nfe=6", "n_samples=4", "metrics=[]"))
+    brun.run(cfg_for(b, "solver=euler", "nfe=6", "n_samples=4", "metrics=[]"))      # the same cell on node b
+    brun.run(cfg_for(b, "solver=heun", "nfe=7", "n_samples=4", "metrics=[]"))
+    assert store.merge(into, [a, b]) == (2, 1)
+    assert store.merge(into, [a, b]) == (0, 3)
+    assert sorted(n for _, _, n in count_rows(into)) == [1, 1]
+    assert (into / ra["samples_path"]).exists()
