@@ -14,6 +14,7 @@ USAGE = """usage: python -m bench COMMAND [overrides]
 
 commands:
   run       run one benchmark cell (or a sweep with -m), e.g.  python -m bench run solver=heun nfe=18
+  orders    empirical convergence order of every deterministic solver vs theory (--help for options)
 """
 
 
@@ -49,7 +50,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def cmd_orders(args) -> int:
+    from bench.orders import main
+    return main(args)
+
+
+COMMANDS = {"run": cmd_run, "orders": cmd_orders}
 
 
 def main(argv=None) -> int:
