@@ -11,6 +11,15 @@ from solvers.registry import get_solver
 from solvers.timesteps import make_timesteps
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tensors here are tiny (64 x 4): intra-op threads only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def prob():
     return problem(64)
@@ -40,7 +49,7 @@ def _ddim(model, x_T, t):
 
 @pytest.mark.parametrize("timesteps", ["logsnr", "edm"])
 def test_ddim_equals_first_order_solvers(gmm_model, timesteps):
-    x_T = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 150
+    x_T = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     t = make_timesteps(timesteps, gmm_model.schedule, 12)
     ddim = _ddim(gmm_model, x_T, t)
     for name, knobs in [("euler", {}), ("ab", {"order": 1}), ("ab", {"order": 1, "ipndm": True}),
@@ -58,7 +67,7 @@ def test_ab_on_uniform_sigma_hat_grid_equals_ipndm(gmm_model, order):
     sch = gmm_model.schedule
     s = torch.linspace(float(sch.sigma_hat(sch.T)), float(sch.sigma_hat(sch.t_min)), 30, dtype=torch.float64)
     t = sch.t_of_sigma_hat(s)
-    x_T = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 150
+    x_T = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     a, b = (get_solver("ab").fn(Dynamics(gmm_model.net, sch), x_T, t, None, order=order, ipndm=ip) for ip in (False, True))
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
 
@@ -104,7 +113,7 @@ def test_counted_nfe_equals_formula(gmm_model, name, knobs, formula, budget):
         with pytest.raises(ConfigError, match="cannot meet an NFE budget"):
             spec.steps_for(budget, **knobs)
         return
-    x_T = torch.randn(5, 4, dtype=torch.float64) * 150
+    x_T = torch.randn(5, 4, dtype=torch.float64)
     _, nfe, steps = solve(gmm_model, name, budget, x_T, **knobs)
     assert nfe == formula(steps) == spec.nfe_of_steps(steps, **knobs) <= budget
     assert formula(steps + 1) > budget      # the budget is used, not rounded down further
@@ -137,7 +146,7 @@ def test_adaptive_dopri5_records_counted_nfe_within_budget(prob):
 
 
 def test_adaptive_budget_is_a_cap_never_exceeded(gmm_model):
-    x_T = torch.randn(8, 4, dtype=torch.float64) * 150
+    x_T = torch.randn(8, 4, dtype=torch.float64)
     spec = get_solver("dopri5")
     t = make_timesteps("edm", gmm_model.schedule, spec.steps_for(30, rtol=1e-9, atol=1e-9))
     dyn = Dynamics(gmm_model.net, gmm_model.schedule)
@@ -182,9 +191,25 @@ def test_budget_below_what_the_order_needs(name, knobs, budget, need):
 
 
 def test_float32_sampling_runs_close_to_float64(gmm_model):
-    x_T = torch.randn(16, 4, dtype=torch.float64) * 150
+    x_T = torch.randn(16, 4, dtype=torch.float64)
     for name, knobs in [("dpm_solver", {"order": 3}), ("dpm_solver_pp", {"order": 3}), ("unipc", {"order": 3}),
                         ("ab", {"order": 4})]:
         a = solve(gmm_model, name, 40, x_T, **knobs)[0]
         b = solve(gmm_model, name, 40, x_T.float(), **knobs)[0]
         assert b.dtype == torch.float32 and rms(a, b) < 1e-4, (name, rms(a, b))
+
+
+def test_orders_command_prints_fitted_orders(capsys):
+    from bench.__main__ import main
+    assert main(["orders", "--quick", "--only", "dpm_solver"]) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if l.startswith("dpm_solver ")]
+    assert [r[1] for r in rows] == ["order=1", "order=2", "order=3", "fast"]
+    for r in rows:
+        assert abs(float(r[3]) - float(r[2])) < 0.3, r     # fitted vs theory, two budgets only
+
+
+def test_orders_command_bad_option_is_an_error():
+    from bench.orders import main
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "nope"])
+    assert e.value.code == 2
