@@ -213,3 +213,14 @@ def test_orders_command_bad_option_is_an_error():
     with pytest.raises(SystemExit) as e:
         main(["--only", "nope"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("name,knobs", [("ab", {"order": 4}), ("ab", {"order": 3, "ipndm": True}),
+                                        ("dpm_solver", {"order": 3}), ("dpm_solver", {"fast": True}),
+                                        ("dpm_solver_pp", {"order": 3}), ("dpm_solver_pp", {"method": "singlestep"}),
+                                        ("unipc", {"order": 3}), ("dopri5", {"method": "rk4"})])
+def test_sample_does_not_depend_on_batch(gmm_model, name, knobs):
+    x_T = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
+    full = solve(gmm_model, name, 20, x_T, **knobs)[0]
+    part = solve(gmm_model, name, 20, x_T[2:5], **knobs)[0]
+    assert torch.equal(full[2:5], part)
