@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from models.dynamics import _bc
 from solvers.knobs import check_choice
 from solvers.registry import register_solver
 

@@ -10,7 +10,6 @@ evaluation there, so NFE = steps.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from solvers.knobs import check_choice
 from solvers.registry import register_solver

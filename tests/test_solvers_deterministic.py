@@ -1,5 +1,4 @@
 """Deterministic solvers: convergence orders, identities, counted NFE and input errors."""
-import numpy as np
 import pytest
 import torch
 
