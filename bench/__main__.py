@@ -14,6 +14,7 @@ USAGE = """usage: python -m bench COMMAND [overrides]
 
 commands:
   run       run one benchmark cell (or a sweep with -m), e.g.  python -m bench run solver=heun nfe=18
+  orders    empirical convergence order of every deterministic solver vs theory (--help for options)
   report    tables, plots and sample grids per model under results/report/
   compare   flag quality regressions against a baseline:  python -m bench compare --baseline results/baseline
   baseline  rerun the sweeps of conf/baseline.yaml and rewrite results/baseline/<model>.csv
@@ -64,6 +65,7 @@ def _lazy(module, name):
 
 COMMANDS = {
     "run": cmd_run,
+    "orders": _lazy("bench.orders", "main"),
     "report": _lazy("bench.compare", "cmd_report"),
     "compare": _lazy("bench.compare", "cmd_compare"),
     "baseline": _lazy("bench.compare", "cmd_baseline"),

@@ -8,10 +8,10 @@ tolerance from sigma_hat(T) to sigma_hat(t_min) and then takes the same final st
 from __future__ import annotations
 
 import torch
-from torchdiffeq import odeint
 
 from bench.metrics import Metric, MetricContext, register_metric
-from models.dynamics import Dynamics, _bc
+from models.dynamics import Dynamics
+from solvers.adaptive import solve_log_sigma_hat
 
 
 def reference_solve(net, schedule, x_T, t_start, t_end, rtol=1e-8, atol=1e-8, method="dopri5"):
@@ -21,16 +21,8 @@ def reference_solve(net, schedule, x_T, t_start, t_end, rtol=1e-8, atol=1e-8, me
     adaptive step that overshoots the end (torchdiffeq steps past t1 and interpolates) stays at sigma_hat > 0.
     Returns (x_0, nfe used)."""
     dyn = Dynamics(net, schedule)
-    x = x_T.to(torch.float64)
-    u = torch.log(torch.stack([schedule.sigma_hat(float(t_start)), schedule.sigma_hat(float(t_end))])).to(x)
-
-    def rhs(u_, x_hat):
-        return torch.exp(u_) * dyn.ode_rhs_sigma_hat(torch.exp(u_), x_hat)
-
-    x_hat = x / _bc(schedule.alpha(float(t_start)), x)
-    sol = odeint(rhs, x_hat, u, rtol=rtol, atol=atol, method=method)
-    x_end = sol[-1] * _bc(schedule.alpha(float(t_end)), x)
-    return dyn.x0(x_end, float(t_end)), dyn.nfe
+    t = torch.tensor([float(t_start), float(t_end)], dtype=torch.float64)
+    return solve_log_sigma_hat(dyn, x_T.to(torch.float64), t, rtol, atol, method), dyn.nfe
 
 
 def rms(a, b):

@@ -1,0 +1,183 @@
+"""Exponential integrators in log-SNR lambda = log(alpha/sigma): DPM-Solver (noise prediction,
+singlestep; Lu et al. 2022) and DPM-Solver++ (data prediction, multistep and singlestep; Lu et al.
+2022b).  The linear part of the probability-flow ODE is solved exactly; the network term is
+expanded in lambda.
+
+Final step (DESIGN 'final step'): every update to sigma = 0 (lambda = +inf) of first order reduces to
+the x0-prediction, so each solver ends with x0 at t[-1] from the evaluation there.  A multistep solver
+has made that evaluation already as its history point at t[-1]; a singlestep one makes it for the
+final step alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from solvers.knobs import check_choice
+from solvers.registry import register_solver
+
+LOWER_ORDER_FINAL_BELOW = 15     # as diffusers: lower_order_final acts when steps < 15
+D2_SCALE = {"taylor": 2.0, "dpm_solver_code": 1.0}   # DPM-Solver++(3M): weight of D2 (see pp_multistep_update)
+
+
+class _Grid:
+    """lambda, alpha, sigma at the grid points, and the intermediate time at lambda_s + r h."""
+
+    def __init__(self, schedule, t):
+        self.sch, self.t = schedule, t
+        self.lam = schedule.lambda_(t).tolist()
+
+    def at(self, lam):
+        t = self.sch.t_of_lambda(torch.tensor(lam, dtype=torch.float64))
+        return t, float(self.sch.alpha(t)), float(self.sch.sigma(t))
+
+    def point(self, i):
+        t = self.t[i]
+        return t, float(self.sch.alpha(t)), float(self.sch.sigma(t))
+
+
+# ---------------------------------------------------------------- DPM-Solver (noise prediction)
+
+def dpm_solver_step(dyn, g, x, i, order, eps_s):
+    """One singlestep DPM-Solver-k update from t_i to t_{i+1} (Lu et al. 2022, eq. 3.7 for k=1 (DDIM),
+    Alg. 1 for k=2 with r1 = 1/2, Alg. 2 for k=3 with r1 = 1/3, r2 = 2/3); eps_s = eps(x, t_i)."""
+    lam_s, lam_t = g.lam[i], g.lam[i + 1]
+    h = lam_t - lam_s
+    _, a_s, _ = g.point(i)
+    _, a_t, s_t = g.point(i + 1)
+    x_lin = (a_t / a_s) * x - (s_t * math.expm1(h)) * eps_s
+    if order == 1:
+        return x_lin
+    if order == 2:
+        r1 = 0.5
+        t1, a1, s1 = g.at(lam_s + r1 * h)
+        u1 = (a1 / a_s) * x - (s1 * math.expm1(r1 * h)) * eps_s
+        return x_lin - (s_t / (2 * r1) * math.expm1(h)) * (dyn.eps(u1, t1) - eps_s)
+    r1, r2 = 1 / 3, 2 / 3
+    t1, a1, s1 = g.at(lam_s + r1 * h)
+    t2, a2, s2 = g.at(lam_s + r2 * h)
+    u1 = (a1 / a_s) * x - (s1 * math.expm1(r1 * h)) * eps_s
+    D1 = dyn.eps(u1, t1) - eps_s
+    u2 = ((a2 / a_s) * x - (s2 * math.expm1(r2 * h)) * eps_s
+          - (s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1)) * D1)
+    D2 = dyn.eps(u2, t2) - eps_s
+    return x_lin - (s_t / r2 * (math.expm1(h) / h - 1)) * D2
+
+
+def fast_orders(intervals):
+    """DPM-Solver-fast's orders for K = intervals steps (Lu et al. 2022, sec. 3.4) with NFE N = 3K - 1,
+    the largest N giving K steps: K - 1 third-order steps and one second-order step."""
+    return [3] * (intervals - 1) + [2]
+
+
+def _check_dpm(order, fast):
+    check_choice("dpm_solver", "order", order, (1, 2, 3))
+    check_choice("dpm_solver", "fast", fast, (True, False))
+
+
+def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False):
+    """Singlestep DPM-Solver-k on the grid t, then x0 at t[-1]."""
+    _check_dpm(order, fast)
+    g = _Grid(dyn.schedule, t)
+    orders = fast_orders(len(t) - 1) if fast else [order] * (len(t) - 1)
+    for i, k in enumerate(orders):
+        x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, t[i]))
+    return dyn.x0(x, t[-1])
+
+
+def _dpm_nfe(steps, order=3, fast=False, **_):
+    _check_dpm(order, fast)
+    return 3 * (steps - 1) if fast else order * (steps - 1) + 1
+
+
+register_solver("dpm_solver", nfe_of_steps=_dpm_nfe,
+                nfe_formula="order*(steps-1) + 1; fast: 3*(steps-1)", min_steps=2,
+                order=lambda order=3, fast=False, **_: 3 if fast else order,
+                default_timesteps="logsnr")(dpm_solver_sample)
+
+
+# ---------------------------------------------------------------- DPM-Solver++ (data prediction)
+
+def pp_multistep_update(g, x, i, x0_hist, order, d2="taylor"):
+    """DPM-Solver++(kM) update from t_i to t_{i+1} from the x0-predictions at t_i, t_{i-1}, ... (newest first):
+    k=1 eq. (5) of Lu et al. 2022b; k=2 their Alg. 2; k=3 their eq. (8) with x0 expanded to second order,
+    h x0' ~ D1 and h^2 x0'' ~ 2 D2 by divided differences.  d2='dpm_solver_code' uses D2 where 2 D2 belongs, as
+    the DPM-Solver reference code and diffusers do: that update is exact only for linear x0(lambda), so its
+    global order is 2 (see README, Solvers)."""
+    lam_t, lam_s0 = g.lam[i + 1], g.lam[i]
+    h = lam_t - lam_s0
+    _, _, s_s0 = g.point(i)
+    _, a_t, s_t = g.point(i + 1)
+    m0 = x0_hist[0]
+    x_t = (s_t / s_s0) * x - (a_t * math.expm1(-h)) * m0
+    if order == 1:
+        return x_t
+    r0 = (lam_s0 - g.lam[i - 1]) / h
+    D1_0 = (1 / r0) * (m0 - x0_hist[1])
+    if order == 2:
+        return x_t - (0.5 * a_t * math.expm1(-h)) * D1_0
+    r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
+    D1_1 = (1 / r1) * (x0_hist[1] - x0_hist[2])
+    D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = (1 / (r0 + r1)) * (D1_0 - D1_1)
+    phi2 = math.expm1(-h) / h + 1
+    phi3 = phi2 / h - 0.5
+    return x_t + (a_t * phi2) * D1 - (a_t * phi3 * D2_SCALE[d2]) * D2
+
+
+def pp_singlestep2_update(dyn, g, x, i, x0_s, r=0.5):
+    """DPM-Solver++(2S) update from t_i to t_{i+1} (Lu et al. 2022b, Alg. 1, r = 1/2)."""
+    lam_s, lam_t = g.lam[i], g.lam[i + 1]
+    h = lam_t - lam_s
+    _, _, s_s = g.point(i)
+    _, a_t, s_t = g.point(i + 1)
+    t1, a1, s1 = g.at(lam_s + r * h)
+    u = (s1 / s_s) * x - (a1 * math.expm1(-r * h)) * x0_s
+    D = (1 - 1 / (2 * r)) * x0_s + (1 / (2 * r)) * dyn.x0(u, t1)
+    return (s_t / s_s) * x - (a_t * math.expm1(-h)) * D
+
+
+def _check_pp(order, method, lower_order_final, d2="taylor"):
+    check_choice("dpm_solver_pp", "method", method, ("multistep", "singlestep"))
+    check_choice("dpm_solver_pp", "d2", d2, tuple(D2_SCALE))
+    check_choice("dpm_solver_pp", "order", order, (1, 2, 3) if method == "multistep" else (1, 2))
+    check_choice("dpm_solver_pp", "lower_order_final", lower_order_final, (True, False))
+
+
+def multistep_order(order, i, steps, lower_order_final):
+    """Order of the update from t_i: warm-up min(order, i+1); with lower_order_final and steps < 15 the last
+    interval uses at most order 2 (diffusers' rule; the final step to sigma=0 is always first order)."""
+    k = min(order, i + 1)
+    if lower_order_final and steps < LOWER_ORDER_FINAL_BELOW and i == steps - 2:
+        k = min(k, 2)
+    return k
+
+
+def dpm_solver_pp_sample(dyn, x, t, rng=None, order: int = 2, method: str = "multistep",
+                         lower_order_final: bool = True, d2: str = "taylor"):
+    """DPM-Solver++ 2M/3M (multistep, NFE = steps) or 2S (singlestep, NFE = 2*steps - 1), then x0 at t[-1]."""
+    _check_pp(order, method, lower_order_final, d2)
+    g = _Grid(dyn.schedule, t)
+    n = len(t)
+    if method == "singlestep":
+        for i in range(n - 1):
+            x0_s = dyn.x0(x, t[i])
+            x = pp_singlestep2_update(dyn, g, x, i, x0_s) if order == 2 else pp_multistep_update(g, x, i, [x0_s], 1)
+        return dyn.x0(x, t[-1])
+    hist = []
+    for i in range(n - 1):
+        hist = [dyn.x0(x, t[i])] + hist[:2]
+        x = pp_multistep_update(g, x, i, hist, multistep_order(order, i, n, lower_order_final), d2)
+    return dyn.x0(x, t[-1])
+
+
+def _pp_nfe(steps, order=2, method="multistep", lower_order_final=True, d2="taylor", **_):
+    _check_pp(order, method, lower_order_final, d2)
+    return steps if method == "multistep" or order == 1 else 2 * steps - 1
+
+
+register_solver("dpm_solver_pp", nfe_of_steps=_pp_nfe,
+                nfe_formula="multistep: steps; singlestep (2S): 2*steps - 1", min_steps=2,
+                order=lambda order=2, method="multistep", d2="taylor", **_: 2 if (order == 3 and d2 != "taylor") else order,
+                default_timesteps="logsnr")(dpm_solver_pp_sample)
