@@ -40,6 +40,14 @@ class SolverSpec:
             steps += 1
         return steps
 
+    def check_steps(self, steps: int, nfe: int, **knobs) -> int:
+        """A step count fixed by the user (an explicit time list) must be allowed and fit the NFE budget."""
+        need = self.nfe_of_steps(max(steps, self.min_steps), **knobs)
+        if steps < self.min_steps or need > nfe:
+            raise ConfigError(f"solver '{self.name}' cannot take the {steps} time points given: it needs steps >= "
+                              f"{self.min_steps} and NFE = {self.nfe_formula} = {need} within the budget nfe={nfe}.")
+        return steps
+
     def theoretical_order(self, **knobs):
         return self.order(**knobs) if callable(self.order) else self.order
 
