@@ -178,6 +178,8 @@ def _check_pc(predictor, snr, n_corrector, step_size):
 
 
 def _pc_nfe(steps, n_corrector=1, **_):
+    if not isinstance(n_corrector, int) or isinstance(n_corrector, bool) or n_corrector < 0:
+        raise ConfigError(f"pc: n_corrector must be an integer >= 0 (0 = predictor only), got {n_corrector!r}")
     return (1 + n_corrector) * (steps - 1) + 1
 
 
