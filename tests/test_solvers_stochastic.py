@@ -218,3 +218,15 @@ def test_yaml_defaults_are_the_function_defaults():
 def test_edm_defaults_follow_the_paper():
     # Karras et al. 2022, Table 5, CIFAR-10 VP: S_churn 30, S_tmin 0.01, S_tmax 1, S_noise 1.007.
     assert default_knobs("edm_stochastic") == {"S_churn": 30.0, "S_min": 0.01, "S_max": 1.0, "S_noise": 1.007}
+
+
+def test_cli_prints_config_error_and_records_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "bench", "run", "solver=edm_stochastic", "solver.S_min=2",
+                        "solver.S_max=1", "n_samples=8", f"results_dir={tmp_path}"], cwd=root, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 2 and "S_min <= S_max" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "results.sqlite").exists()
