@@ -34,7 +34,7 @@ def em_step(dyn, x, t_from, t_to, rng, eps=None):
 @register_solver("euler_maruyama", nfe_of_steps=lambda steps, **_: steps, nfe_formula="steps", min_steps=2,
                  stochastic=True, brownian=True, default_timesteps="uniform_t")
 def euler_maruyama(dyn, x, t, rng):
-    """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6; Kloeden & Platen 1992, eq. 9.1.1)."""
+    """Euler-Maruyama (Kloeden & Platen 1992, ch. 9) on the reverse SDE (Song et al. 2021, eq. 6)."""
     for n in range(len(t) - 1):
         x = em_step(dyn, x, t[n], t[n + 1], rng)
     return dyn.x0(x, t[-1])
@@ -56,16 +56,16 @@ def ancestral_sigmas(sig_from, sig_to, eta):
 def _check_ancestral(variant, eta):
     if variant not in ANCESTRAL_VARIANTS:
         raise ConfigError(f"ancestral: unknown variant '{variant}'. Valid variants are: {', '.join(ANCESTRAL_VARIANTS)}.")
-    if not isinstance(eta, (int, float)) or not eta >= 0:
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
         raise ConfigError(f"ancestral: eta must be a number >= 0 (0 = DDIM, 1 = DDPM), got {eta!r}")
     if variant == "ddpm" and eta > 1:
         raise ConfigError(f"ancestral: variant 'ddpm' needs 0 <= eta <= 1 (DDIM eq. 12 takes sqrt(sigma_s^2 - "
                           f"sigma_eta^2)), got eta={eta}; variant 'euler' caps sigma_up and allows eta > 1.")
 
 
-# Brownian: with eta = 1 this is DDPM, the first-order exponential-integrator discretisation of the reverse SDE
-# (Lu et al. 2022b, DPM-Solver++, sec. 5.1); with eta it is that of the SDE with diffusion eta*g (the noise
-# variance sigma_up^2 = eta^2 g^2 |dt| + O(dt^2)).  Each step's z stands for the normalised Brownian increment
+# Brownian: with eta = 1 this is DDPM's ancestral sampler, a discretisation of the reverse SDE (Song et al. 2021,
+# app. E); with eta it discretises the SDE with diffusion eta*g (its noise variance is
+# sigma_up^2 = eta^2 g^2 |dt| + O(dt^2)).  Each step's z stands for the normalised Brownian increment
 # over [t_n, t_{n+1}], so all noise is drawn with rng.increment.
 @register_solver("ancestral", nfe_of_steps=lambda steps, **_: steps, nfe_formula="steps", min_steps=2,
                  stochastic=True, brownian=True, default_timesteps="uniform_t")
@@ -173,13 +173,16 @@ def _check_pc(predictor, snr, n_corrector, step_size):
         raise ConfigError(f"pc: unknown step_size '{step_size}'. Valid step sizes are: {', '.join(STEP_SIZES)}.")
     if not isinstance(snr, (int, float)) or not snr > 0:
         raise ConfigError(f"pc: snr must be a number > 0 (the Langevin signal-to-noise ratio), got {snr!r}")
+    _check_n_corrector(n_corrector)
+
+
+def _check_n_corrector(n_corrector):
     if not isinstance(n_corrector, int) or isinstance(n_corrector, bool) or n_corrector < 0:
         raise ConfigError(f"pc: n_corrector must be an integer >= 0 (0 = predictor only), got {n_corrector!r}")
 
 
 def _pc_nfe(steps, n_corrector=1, **_):
-    if not isinstance(n_corrector, int) or isinstance(n_corrector, bool) or n_corrector < 0:
-        raise ConfigError(f"pc: n_corrector must be an integer >= 0 (0 = predictor only), got {n_corrector!r}")
+    _check_n_corrector(n_corrector)       # also guards steps_for against a budget loop that never ends
     return (1 + n_corrector) * (steps - 1) + 1
 
 

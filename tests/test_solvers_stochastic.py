@@ -177,12 +177,31 @@ def test_same_seed_same_samples_and_batch_independent(gmm_model, name):
     def run(batch_size, seed=7):
         return generate(gmm_model, spec, knobs, t, 9, batch_size, seed, cpu, torch.float64)[1]
 
+    state = torch.random.get_rng_state()
     a, b = run(9), run(9)
+    assert torch.equal(torch.random.get_rng_state(), state)     # torch's global generator is never touched
     assert torch.equal(a, b)                                     # same seed: bitwise the same
     torch.testing.assert_close(run(4), a, rtol=1e-12, atol=1e-12)   # sample i does not depend on the batching
     torch.testing.assert_close(run(1), a, rtol=1e-12, atol=1e-12)
     if spec.stochastic:
         assert not torch.allclose(run(9, seed=8), a)             # and the seed does matter
+
+
+class IncrementsOnly(BatchRNG):
+    def randn_like(self, x):
+        raise AssertionError("a brownian solver drew noise outside rng.increment")
+
+    def increment(self, x, t_from, t_to):
+        assert t_from > t_to, (t_from, t_to)                     # an increment over a step backwards in time
+        return super().randn_like(x)
+
+
+@pytest.mark.parametrize("name", [n for n in _all_solvers() if SOLVERS[n].brownian])
+def test_brownian_solvers_draw_only_increments(gmm_model, name):
+    spec = get_solver(name)
+    x_T = torch.randn(6, 4, dtype=torch.float64)
+    t = make_timesteps(spec.default_timesteps, gmm_model.schedule, 6)
+    spec.fn(Dynamics(gmm_model.net, gmm_model.schedule), x_T, t, IncrementsOnly(0), **default_knobs(name))
 
 
 # --- clear errors -------------------------------------------------------------------------------------------------
