@@ -85,8 +85,15 @@ def test_moment_errors_shrink_with_nfe(gmm_model, prior_draw, name, knobs, budge
 
 
 # --- identities ---------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["vp_linear", "vp_cosine", "ve", "edm"])
+def any_schedule_model(request):
+    from models.registry import load_model
+    return load_model({"name": "gmm", "schedule": {"name": request.param}})
+
+
 @pytest.mark.parametrize("variant", ["ddpm", "euler"])
-def test_ancestral_eta0_is_ddim_and_euler(gmm_model, variant):
+def test_ancestral_eta0_is_ddim_and_euler(any_schedule_model, variant):
+    gmm_model = any_schedule_model
     sch = gmm_model.schedule
     x_T = PerSampleRNG(5, range(16), dtype=torch.float64).randn(gmm_model.shape)
     x_anc, _, steps = sample(gmm_model, "ancestral", 12, x_T, PerSampleRNG(0, range(16), dtype=torch.float64),
@@ -105,7 +112,8 @@ def test_ancestral_eta0_is_ddim_and_euler(gmm_model, variant):
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
-def test_ancestral_ddpm_equals_euler_ancestral(gmm_model, eta):
+def test_ancestral_ddpm_equals_euler_ancestral(any_schedule_model, eta):
+    gmm_model = any_schedule_model
     # Two computations of one map for eta <= 1: DDIM's x-space update and k-diffusion's x_hat-space one.
     x_T = PerSampleRNG(5, range(16), dtype=torch.float64).randn(gmm_model.shape)
     out = [sample(gmm_model, "ancestral", 15, x_T, PerSampleRNG(0, range(16), dtype=torch.float64),
@@ -113,7 +121,8 @@ def test_ancestral_ddpm_equals_euler_ancestral(gmm_model, eta):
     torch.testing.assert_close(out[0], out[1], rtol=1e-9, atol=1e-9)
 
 
-def test_edm_stochastic_without_churn_is_heun(gmm_model):
+def test_edm_stochastic_without_churn_is_heun(any_schedule_model):
+    gmm_model = any_schedule_model
     x_T = PerSampleRNG(5, range(16), dtype=torch.float64).randn(gmm_model.shape)
     x_edm, n_edm, _ = sample(gmm_model, "edm_stochastic", 17, x_T, PerSampleRNG(0, range(16), dtype=torch.float64),
                              S_churn=0.0)
