@@ -48,8 +48,8 @@ def edm_rho(schedule, n, rho: float = 7.0):
 
 @register_timesteps("quadratic")
 def quadratic_t(schedule, n):
-    """Quadratic in t: t_i = (sqrt(T) + i/(n-1) (sqrt(t_min) - sqrt(T)))^2, DDIM's 'quad' skip type
-    (Song et al. 2021a, app. D.2) and DPM-Solver's 'time_quadratic'; denser near the data."""
+    """Quadratic in t: t_i = (sqrt(T) + i/(n-1) (sqrt(t_min) - sqrt(T)))^2, DDIM's quadratic sub-sequence
+    tau_i = c i^2 (Song et al. 2021a, app. D) and DPM-Solver's 'time_quadratic'; denser near the data."""
     r = torch.linspace(0, 1, n, dtype=torch.float64)
     return (schedule.T ** 0.5 + r * (schedule.t_min ** 0.5 - schedule.T ** 0.5)) ** 2
 
