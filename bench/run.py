@@ -20,7 +20,7 @@ from models.errors import ConfigError
 from models.registry import load_model
 from solvers.registry import get_solver
 from solvers.rng import PerSampleRNG
-from solvers.timesteps import make_timesteps
+from solvers.timesteps import fixed_points, make_timesteps
 
 log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,8 @@ def plan(cfg: dict):
     ts_name = ts_cfg.pop("name")
     if ts_name == "auto":
         ts_name, ts_cfg = spec.default_timesteps, {}
+    if (n_fixed := fixed_points(ts_name, **ts_cfg)) is not None:
+        steps = spec.check_steps(n_fixed, cfg["nfe"], **knobs)     # an explicit list fixes the step count
     model = load_model(cfg["model"])
     t = make_timesteps(ts_name, model.schedule, steps, **ts_cfg)
     return spec, knobs, metrics, steps, ts_name, ts_cfg, model, t

@@ -69,4 +69,4 @@ def _nfe(steps, method="dopri5", **_):
 register_solver("dopri5", nfe_of_steps=_nfe,
                 nfe_formula="adaptive: counted, at most the budget (steps = budget); fixed grid: stages*(steps-1) + 1",
                 min_steps=2, order=lambda method="dopri5", **_: FIXED_ORDER.get(method),
-                default_timesteps="edm")(dopri5_sample)
+                default_timesteps="edm", batch_coupled=True)(dopri5_sample)

@@ -23,6 +23,7 @@ class SolverSpec:
     min_steps: int = 2                   # fewest steps (grid points) the method is defined for
     order: Callable[..., float] | float | None = None   # theoretical global order (deterministic solvers)
     stochastic: bool = False
+    batch_coupled: bool = False          # samples share step-size control (adaptive solvers): sample i depends on its batch within tolerance
     brownian: bool = False               # stochastic solver drawing all its noise via rng.increment (strong error defined)
     default_timesteps: str = "edm"
     final_step: str = "denoise"          # 'denoise': last step is x0-prediction at the last positive sigma
@@ -38,6 +39,14 @@ class SolverSpec:
         steps = self.min_steps
         while self.nfe_of_steps(steps + 1, **knobs) <= nfe:
             steps += 1
+        return steps
+
+    def check_steps(self, steps: int, nfe: int, **knobs) -> int:
+        """A step count fixed by the user (an explicit time list) must be allowed and fit the NFE budget."""
+        need = self.nfe_of_steps(max(steps, self.min_steps), **knobs)
+        if steps < self.min_steps or need > nfe:
+            raise ConfigError(f"solver '{self.name}' cannot take the {steps} time points given: it needs steps >= "
+                              f"{self.min_steps} and NFE = {self.nfe_formula} = {need} within the budget nfe={nfe}.")
         return steps
 
     def theoretical_order(self, **knobs):

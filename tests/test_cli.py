@@ -41,7 +41,7 @@ def test_multirun_records_each_cell(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["solver=nope"], "Valid solver names are: ab, "),
+    (["solver=nope"], "Valid solver names are: ab, ancestral, "),
     (["model=nope"], "Valid model names are: gmm"),
     (["timesteps=nope"], "Valid time-step schedule names are: auto, edm"),
     (["solver=heun", "nfe=2"], "cannot meet an NFE budget of 2"),

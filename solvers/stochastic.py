@@ -1,0 +1,202 @@
+"""Stochastic samplers: Euler-Maruyama, ancestral (DDPM-eta / Euler-ancestral), EDM's stochastic sampler
+and predictor-corrector.
+
+Every draw comes from the `rng` argument (a PerSampleRNG), never torch's global generator, so sample i
+is the same whatever the batch size.  Noise that stands for a Brownian increment of the reverse SDE
+over [t_n, t_{n+1}] is drawn with rng.increment (a strong-error reference can then couple a path);
+other noise (EDM's churn, Langevin moves at a fixed time) with rng.randn_like.
+
+All end with DESIGN's final step: the x0-prediction from the evaluation at the last positive time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.dynamics import _bc
+from models.errors import ConfigError
+from solvers.registry import register_solver
+
+
+def _sqrt_abs(h):
+    return torch.sqrt(torch.abs(torch.as_tensor(h, dtype=torch.float64)))
+
+
+def em_step(dyn, x, t_from, t_to, rng, eps=None):
+    """One Euler-Maruyama step of the reverse SDE dx = [f x - g^2 score] dt + g dW-bar (Song et al. 2021, eq. 6)."""
+    dt = t_to - t_from                                       # negative: time runs backwards
+    z = rng.increment(x, t_from, t_to)
+    return x + _bc(dt, x) * dyn.sde_drift(t_from, x, eps=eps) + _bc(dyn.diffusion(t_from) * _sqrt_abs(dt), x) * z
+
+
+# ---------------------------------------------------------------------------------------------------------
+@register_solver("euler_maruyama", nfe_of_steps=lambda steps, **_: steps, nfe_formula="steps", min_steps=2,
+                 stochastic=True, brownian=True, default_timesteps="uniform_t")
+def euler_maruyama(dyn, x, t, rng):
+    """Euler-Maruyama (Kloeden & Platen 1992, ch. 9) on the reverse SDE (Song et al. 2021, eq. 6)."""
+    for n in range(len(t) - 1):
+        x = em_step(dyn, x, t[n], t[n + 1], rng)
+    return dyn.x0(x, t[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+ANCESTRAL_VARIANTS = ("ddpm", "euler")
+
+
+def ancestral_sigmas(sig_from, sig_to, eta):
+    """(sigma_up, sigma_down) in sigma_hat: sigma_up = eta * the DDPM posterior std (DDIM, Song et al. 2021a,
+    eq. 16, written in sigma_hat = sigma/alpha), capped at sig_to as k-diffusion's get_ancestral_step does;
+    sigma_down^2 + sigma_up^2 = sig_to^2."""
+    up = eta * sig_to * torch.sqrt(1 - (sig_to / sig_from) ** 2)
+    up = torch.minimum(up, sig_to)
+    return up, torch.sqrt(sig_to ** 2 - up ** 2)
+
+
+def _check_ancestral(variant, eta):
+    if variant not in ANCESTRAL_VARIANTS:
+        raise ConfigError(f"ancestral: unknown variant '{variant}'. Valid variants are: {', '.join(ANCESTRAL_VARIANTS)}.")
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
+        raise ConfigError(f"ancestral: eta must be a number >= 0 (0 = DDIM, 1 = DDPM), got {eta!r}")
+    if variant == "ddpm" and eta > 1:
+        raise ConfigError(f"ancestral: variant 'ddpm' needs 0 <= eta <= 1 (DDIM eq. 12 takes sqrt(sigma_s^2 - "
+                          f"sigma_eta^2)), got eta={eta}; variant 'euler' caps sigma_up and allows eta > 1.")
+
+
+# Brownian: with eta = 1 this is DDPM's ancestral sampler, a discretisation of the reverse SDE (Song et al. 2021,
+# app. E); with eta it discretises the SDE with diffusion eta*g (its noise variance is
+# sigma_up^2 = eta^2 g^2 |dt| + O(dt^2)).  Each step's z stands for the normalised Brownian increment
+# over [t_n, t_{n+1}], so all noise is drawn with rng.increment.
+@register_solver("ancestral", nfe_of_steps=lambda steps, **_: steps, nfe_formula="steps", min_steps=2,
+                 stochastic=True, brownian=True, default_timesteps="uniform_t")
+def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0):
+    """Ancestral sampling.  'ddpm': DDIM's generalised step (Song et al. 2021a, eq. 12 with sigma_eta of eq. 16),
+    x_s = alpha_s x0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z.  'euler': k-diffusion's Euler-ancestral,
+    an Euler step in sigma_hat to sigma_down, then noise sigma_up (both in x_hat = x/alpha).  For eta <= 1 the
+    two are the same map (Euler in sigma_hat is DDIM), computed along different paths."""
+    _check_ancestral(variant, eta)
+    sch = dyn.schedule
+    sig = sch.sigma_hat(t)
+    for n in range(len(t) - 1):
+        eps = dyn.eps(x, t[n])
+        up, down = ancestral_sigmas(sig[n], sig[n + 1], eta)
+        z = rng.increment(x, t[n], t[n + 1])
+        if variant == "ddpm":
+            a_s = sch.alpha(t[n + 1])
+            sigma_eta = a_s * up                              # sigma_hat -> x units
+            x0 = dyn.x0(x, t[n], eps=eps)
+            x = _bc(a_s, x) * x0 + _bc(torch.sqrt(sch.sigma(t[n + 1]) ** 2 - sigma_eta ** 2), x) * eps \
+                + _bc(sigma_eta, x) * z
+        else:
+            x_hat = x / _bc(sch.alpha(t[n]), x)
+            x_hat = x_hat + _bc(down - sig[n], x) * eps + _bc(up, x) * z    # d x_hat/d sigma_hat = eps
+            x = x_hat * _bc(sch.alpha(t[n + 1]), x)
+    return dyn.x0(x, t[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _check_edm(S_churn, S_min, S_max, S_noise):
+    for k, v in (("S_churn", S_churn), ("S_min", S_min), ("S_max", S_max), ("S_noise", S_noise)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+            raise ConfigError(f"edm_stochastic: {k} must be a number, got {v!r}")
+    if S_churn < 0:
+        raise ConfigError(f"edm_stochastic: S_churn must be >= 0 (0 = deterministic Heun), got {S_churn}")
+    if S_min < 0 or S_min > S_max:
+        raise ConfigError(f"edm_stochastic: need 0 <= S_min <= S_max (the sigma_hat range where churn is "
+                          f"added), got S_min={S_min}, S_max={S_max}")
+    if S_noise <= 0:
+        raise ConfigError(f"edm_stochastic: S_noise must be > 0 (1 = unscaled noise), got {S_noise}")
+
+
+# Not Brownian: the churn raises the noise level at a fixed step (x_hat + sqrt(s_c^2 - s^2) z), it is no increment
+# of a path over [t_n, t_{n+1}], so it is drawn with rng.randn_like.
+@register_solver("edm_stochastic", nfe_of_steps=lambda steps, **_: 2 * steps - 1, nfe_formula="2*steps - 1",
+                 min_steps=2, stochastic=True, brownian=False, default_timesteps="edm")
+def edm_stochastic(dyn, x, t, rng, S_churn: float = 30.0, S_min: float = 0.01, S_max: float = 1.0,
+                   S_noise: float = 1.007):
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2), in sigma_hat = sigma/alpha and x_hat = x/alpha."""
+    _check_edm(S_churn, S_min, S_max, S_noise)
+    sch = dyn.schedule
+    sig = sch.sigma_hat(t)
+    N = len(t)
+    x_hat = x / _bc(sch.alpha(t[0]), x)
+    for i in range(N):
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= float(sig[i]) <= S_max else 0.0
+        sig_c = sig[i] * (1 + gamma)                                             # line 5: t_hat_i
+        if gamma > 0:                                                            # line 6
+            x_hat = x_hat + _bc(torch.sqrt(sig_c ** 2 - sig[i] ** 2) * S_noise, x_hat) * rng.randn_like(x_hat)
+        d = dyn.ode_rhs_sigma_hat(sig_c, x_hat)                                  # line 7: (x - D)/t_hat = eps
+        if i == N - 1:                                                           # last step Euler to sigma = 0
+            return x_hat - _bc(sig_c, x_hat) * d                                 # = D(x_hat; sig_c), i.e. x0
+        x_next = x_hat + _bc(sig[i + 1] - sig_c, x_hat) * d                      # line 8
+        d2 = dyn.ode_rhs_sigma_hat(sig[i + 1], x_next)                           # lines 9-11: Heun correction
+        x_hat = x_hat + _bc(sig[i + 1] - sig_c, x_hat) * (0.5 * d + 0.5 * d2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+PREDICTORS = ("reverse_diffusion", "euler_maruyama")
+
+
+def reverse_diffusion_step(dyn, x, t_from, t_to, rng, eps=None):
+    """Reverse-diffusion predictor (Song et al. 2021, eq. 47): x - f_i(x) + G_i^2 score + G_i z, with the forward
+    step t_to -> t_from of the schedule, f_i(x) = (a - 1) x, a = alpha(t_from)/alpha(t_to),
+    G_i^2 = sigma(t_from)^2 - a^2 sigma(t_to)^2 (DDPM's beta_i for VP, sigma_i^2 - sigma_{i-1}^2 for VE)."""
+    sch = dyn.schedule
+    a = sch.alpha(t_from) / sch.alpha(t_to)
+    G2 = sch.sigma(t_from) ** 2 - a ** 2 * sch.sigma(t_to) ** 2
+    z = rng.increment(x, t_from, t_to)
+    return x - _bc(a - 1, x) * x + _bc(G2, x) * dyn.score(x, t_from, eps=eps) + _bc(torch.sqrt(G2), x) * z
+
+
+STEP_SIZES = ("norms", "sigma2")
+
+
+def langevin_step(dyn, x, t, rng, snr, step_size="norms"):
+    """Langevin corrector x + e score + sqrt(2e) z (Song et al. 2021, Algorithms 4/5 with alpha_i = 1).
+    'norms': e = 2 (snr ||z|| / ||score||)^2 per sample, as Alg. 4 prints it (score_sde averages the norms over the
+    batch, which would tie samples together).  'sigma2': e = 2 snr^2 sigma(t)^2, the same with ||z||^2 and
+    ||score||^2 replaced by their typical sizes d and d/sigma^2; in low dimension the per-sample ratio is
+    heavy-tailed (an F(d, d) variable) and the occasional huge step biases the samples."""
+    z = rng.randn_like(x)
+    g = dyn.score(x, t)
+    if step_size == "norms":
+        step = 2 * (snr * z.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)) ** 2
+    else:
+        step = 2 * snr ** 2 * dyn.schedule.sigma(t) ** 2
+    return x + _bc(step, x) * g + _bc(torch.sqrt(2 * step), x) * z
+
+
+def _check_pc(predictor, snr, n_corrector, step_size):
+    if predictor not in PREDICTORS:
+        raise ConfigError(f"pc: unknown predictor '{predictor}'. Valid predictors are: {', '.join(PREDICTORS)}.")
+    if step_size not in STEP_SIZES:
+        raise ConfigError(f"pc: unknown step_size '{step_size}'. Valid step sizes are: {', '.join(STEP_SIZES)}.")
+    if not isinstance(snr, (int, float)) or not snr > 0:
+        raise ConfigError(f"pc: snr must be a number > 0 (the Langevin signal-to-noise ratio), got {snr!r}")
+    _check_n_corrector(n_corrector)
+
+
+def _check_n_corrector(n_corrector):
+    if not isinstance(n_corrector, int) or isinstance(n_corrector, bool) or n_corrector < 0:
+        raise ConfigError(f"pc: n_corrector must be an integer >= 0 (0 = predictor only), got {n_corrector!r}")
+
+
+def _pc_nfe(steps, n_corrector=1, **_):
+    _check_n_corrector(n_corrector)       # also guards steps_for against a budget loop that never ends
+    return (1 + n_corrector) * (steps - 1) + 1
+
+
+# Not Brownian as a whole: the predictor's noise is an increment (rng.increment), the Langevin corrector's is not.
+@register_solver("pc", nfe_of_steps=_pc_nfe, nfe_formula="(1 + n_corrector)*(steps - 1) + 1", min_steps=2,
+                 stochastic=True, brownian=False, default_timesteps="uniform_t")
+def pc(dyn, x, t, rng, predictor: str = "reverse_diffusion", snr: float = 0.16, n_corrector: int = 1,
+       step_size: str = "norms"):
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2/3): a predictor step t_n -> t_{n+1}, then
+    n_corrector Langevin steps at t_{n+1}; the final step is the x0-prediction at t_min."""
+    _check_pc(predictor, snr, n_corrector, step_size)
+    step = reverse_diffusion_step if predictor == "reverse_diffusion" else em_step
+    for n in range(len(t) - 1):
+        x = step(dyn, x, t[n], t[n + 1], rng)
+        for _ in range(n_corrector):
+            x = langevin_step(dyn, x, t[n + 1], rng, snr, step_size)
+    return dyn.x0(x, t[-1])

@@ -1,0 +1,93 @@
+"""Time-step schedules: the quadratic grid's closed form, explicit lists and how they meet the NFE budget."""
+import pytest
+import torch
+
+from bench.run import plan
+from models.errors import ConfigError
+from models.schedules import make_schedule
+from solvers.timesteps import make_timesteps
+
+SCHEDULES = [("vp_linear", {}), ("vp_cosine", {}), ("ve", {}), ("edm", {})]
+
+
+@pytest.mark.parametrize("name,kw", SCHEDULES)
+@pytest.mark.parametrize("n", [2, 5, 17])
+def test_quadratic_is_uniform_in_sqrt_t(name, kw, n):
+    sch = make_schedule(name, **kw)
+    t = make_timesteps("quadratic", sch, n)
+    assert t[0] == sch.T and t[-1] == sch.t_min and len(t) == n
+    d = torch.diff(torch.sqrt(t))
+    torch.testing.assert_close(d, torch.full_like(d, (sch.t_min ** 0.5 - sch.T ** 0.5) / (n - 1)), rtol=1e-12, atol=0)
+    assert (torch.diff(t) < 0).all() and (torch.diff(t, 2) > 0).all()     # steps shrink towards the data
+
+
+def test_explicit_t_list_is_taken_as_given():
+    sch = make_schedule("vp_linear")
+    ts = [1.0, 0.7, 0.3, 0.05, 0.001]
+    t = make_timesteps("explicit", sch, 5, t=ts)
+    assert t.dtype == torch.float64 and t.tolist() == ts
+
+
+@pytest.mark.parametrize("name,kw", SCHEDULES)
+def test_explicit_sigma_hat_list_maps_to_those_noise_levels(name, kw):
+    sch = make_schedule(name, **kw)
+    s_max, s_min = float(sch.sigma_hat(sch.T)), float(sch.sigma_hat(sch.t_min))
+    sig = [s_max, s_max / 3, 1.0 if s_min < 1.0 < s_max / 3 else (s_max / 3 + s_min) / 2, s_min]
+    t = make_timesteps("explicit", sch, 4, sigma_hat=sig)
+    assert t[0] == sch.T and t[-1] == sch.t_min
+    torch.testing.assert_close(sch.sigma_hat(t), torch.tensor(sig, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("knobs,needle", [
+    ({"t": [1.0, 0.5, 0.5, 0.001]}, "strictly decreasing"),
+    ({"t": [1.0, 0.1, 0.5, 0.001]}, "strictly decreasing"),
+    ({"t": [0.9, 0.5, 0.001]}, "first t must be the start of sampling"),
+    ({"t": [1.2, 0.5, 0.001]}, "first t must be the start of sampling"),
+    ({"t": [1.0, 0.5, 0.0]}, r"must lie in \[0.001, 1\]"),
+    ({"t": [1.0, 0.5, -0.1]}, r"must lie in \[0.001, 1\]"),
+    ({"sigma_hat": [10.0, 1.0, 0.1]}, "first sigma_hat must be the start of sampling"),
+    ({"t": [1.0, 0.5], "sigma_hat": [2.0, 1.0]}, "give exactly one of t"),
+    ({}, "give exactly one of t"),
+    ({"t": []}, "non-empty list"),
+    ({"t": "1.0,0.5"}, "non-empty list"),
+    ({"t": [1.0, "a"]}, "list of numbers"),
+])
+def test_bad_explicit_lists_are_config_errors(knobs, needle):
+    sch = make_schedule("vp_linear")
+    n = len(knobs.get("t") or knobs.get("sigma_hat") or [1, 2]) if not isinstance(knobs.get("t"), str) else 3
+    with pytest.raises(ConfigError, match=needle):
+        make_timesteps("explicit", sch, max(n, 1), **knobs)
+
+
+def test_explicit_list_length_must_match_the_step_count():
+    with pytest.raises(ConfigError, match="has 3 points but 4 were asked for"):
+        make_timesteps("explicit", make_schedule("vp_linear"), 4, t=[1.0, 0.5, 0.001])
+
+
+def _cfg(solver, nfe, **ts):
+    return {"dtype": "float64", "n_samples": 1, "batch_size": 1, "solver": solver, "metrics": [], "metric_cfg": {},
+            "nfe": nfe, "timesteps": {"name": "explicit", "t": None, "sigma_hat": None, **ts},
+            "model": {"name": "gmm", "schedule": {"name": "vp_linear"}}}
+
+
+@pytest.mark.parametrize("solver,nfe,steps", [
+    ({"name": "heun", "variable": "sigma_hat"}, 9, 5),      # 2*5 - 1 = 9: exactly admitted
+    ({"name": "heun", "variable": "sigma_hat"}, 50, 5),     # a larger budget is not spent: the list fixes steps
+    ({"name": "euler", "variable": "sigma_hat"}, 5, 5),
+    ({"name": "pc", "n_corrector": 2}, 13, 5),              # 3*(5-1) + 1
+])
+def test_explicit_list_fixes_steps(solver, nfe, steps):
+    _, _, _, got, ts_name, _, _, t = plan(_cfg(solver, nfe, t=[1.0, 0.6, 0.3, 0.1, 0.001]))
+    assert (got, ts_name, len(t)) == (steps, "explicit", steps)
+
+
+@pytest.mark.parametrize("solver,nfe", [({"name": "heun", "variable": "sigma_hat"}, 8),
+                                        ({"name": "pc", "n_corrector": 2}, 12)])
+def test_explicit_list_over_budget_is_refused(solver, nfe):
+    with pytest.raises(ConfigError, match="cannot take the 5 time points given"):
+        plan(_cfg(solver, nfe, t=[1.0, 0.6, 0.3, 0.1, 0.001]))
+
+
+def test_explicit_list_below_min_steps_is_refused():
+    with pytest.raises(ConfigError, match="steps >= 2"):
+        plan(_cfg({"name": "euler", "variable": "sigma_hat"}, 10, t=[1.0]))
