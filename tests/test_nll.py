@@ -10,32 +10,34 @@ from models.dynamics import Dynamics
 from solvers.timesteps import make_timesteps
 
 
+@pytest.mark.slow
 def test_ode_nll_equals_analytic_on_gmm_with_exact_prior(gmm_model, tmp_path):
     ctx = make_ctx(gmm_model, torch.zeros(8, 4), tmp_path)
     for t_start in (None, 1e-5):   # default t_min = 1e-3, and score_sde's eps = 1e-5
-        out = make_metric("nll", {"prior": "exact", "rtol": 1e-7, "atol": 1e-7, "n_points": 64,
+        out = make_metric("nll", {"prior": "exact", "rtol": 1e-7, "atol": 1e-7, "n_points": 32,
                                   "t_start": t_start, "divergence": "exact"}).compute(ctx)
         assert abs(out["nll_bpd"] - out["nll_bpd_exact"]) < 0.01
         assert abs(out["nll_bpd"] - out["nll_bpd_exact"]) < (2e-3 if t_start is None else 1e-5)
 
 
 def test_ode_nll_per_point_matches_log_prob(gmm_model):
-    x = gmm_model.data.sample(16, generator=torch.Generator().manual_seed(3))
+    x = gmm_model.data.sample(8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([1e-5, gmm_model.schedule.T], dtype=torch.float64)
-    lp, _, _ = ode_logp(Dynamics(gmm_model.net, gmm_model.schedule), x, t, rtol=1e-8, atol=1e-8,
+    lp, _, _ = ode_logp(Dynamics(gmm_model.net, gmm_model.schedule), x, t, rtol=1e-7, atol=1e-7,
                         prior="exact", gmm=gmm_model.data)
     per_dim_bits = (lp - gmm_model.data.log_prob(x)).abs() / (4 * math.log(2))
     assert per_dim_bits.max() < 1e-4
 
 
+@pytest.mark.slow
 def test_hutchinson_agrees_with_exact_divergence_within_standard_error(gmm_model):
-    x = gmm_model.data.sample(8, generator=torch.Generator().manual_seed(4))
+    x = gmm_model.data.sample(4, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([1e-3, gmm_model.schedule.T], dtype=torch.float64)
     dyn = lambda: Dynamics(gmm_model.net, gmm_model.schedule)  # noqa: E731
-    exact, _, _ = ode_logp(dyn(), x, t, rtol=1e-6, atol=1e-6)
+    exact, _, _ = ode_logp(dyn(), x, t, rtol=1e-5, atol=1e-5)
     for kind in ("rademacher", "gaussian"):
-        est = torch.stack([ode_logp(dyn(), x, t, rtol=1e-6, atol=1e-6,
-                                    probe=draw_probe(x, seed, range(8), kind))[0] for seed in range(12)])
+        est = torch.stack([ode_logp(dyn(), x, t, rtol=1e-5, atol=1e-5,
+                                    probe=draw_probe(x, seed, range(4), kind))[0] for seed in range(8)])
         se = est.std(0) / math.sqrt(est.shape[0])
         assert (est.std(0) > 0).all()                          # the probe really is random
         assert ((est.mean(0) - exact).abs() < 4 * se + 1e-6).all()
