@@ -148,7 +148,7 @@ def dequantize(x, model, seed, indices):
 class NLL(Metric):
     def __init__(self, solver: str = "dopri5", nfe: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
                  variable: str = "lambda", divergence: str = "auto", exact_max_dim: int = 16,
-                 probe: str = "rademacher", prior: str = "schedule", n_points: int = 256,
+                 probe: str = "rademacher", prior: str = "schedule", n_points: int = 128,
                  t_start: float | None = None, timesteps: str = "edm", batch_size: int = 256):
         valid_solvers = ["run", *TABLEAUS, *ADAPTIVE]
         for name, val, allowed in (("solver", solver, valid_solvers), ("variable", variable, VARIABLES),
