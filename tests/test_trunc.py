@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import solvers.all  # noqa: F401  (registers every solver, for the parametrisation below)
 from bench.metrics import cache, make_metric
 from bench.metrics.trunc import fit_order, local_error_profile, reference_trajectory, strong_error
 from metric_helpers import make_ctx
