@@ -13,7 +13,6 @@ import argparse
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 # (label, solver, knobs, budgets): budgets chosen in each method's asymptotic range.
@@ -85,21 +84,16 @@ def solve(model, solver, nfe, x_T, timesteps=None, **knobs):
     return x0, dyn.nfe, steps
 
 
-def fit_order(nfes, errs) -> float:
-    """Minus the least-squares slope of log error against log NFE."""
-    return float(-np.polyfit(np.log(nfes), np.log(errs), 1)[0])
-
-
 def measure(case: Case, model, x_T, ref):
     """(fitted order, counted NFEs, RMS errors) of one case."""
-    from bench.metrics.trunc import rms
+    from bench.metrics.trunc import fit_order, rms
 
     nfes, errs = [], []
     for b in case.budgets:
         x0, nfe, _ = solve(model, case.solver, b, x_T, case.timesteps, **case.knobs)
         nfes.append(nfe)
         errs.append(rms(x0, ref))
-    return fit_order(nfes, errs), nfes, errs
+    return fit_order(nfes, errs)[0], nfes, errs
 
 
 def theory(case: Case):

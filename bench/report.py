@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench import store
+from bench.metrics.trunc import fit_order as trunc_fit_order
 
 # How each known quality column is shown; any other numeric metric column gets a linear plot.
 #   log: log-log axes;  order: fit and show the convergence order (error columns)
@@ -22,13 +23,11 @@ NOT_QUALITY_SUFFIXES = ("_nfe", "_note", "_s", "_seconds")
 
 
 def fit_order(nfe, err) -> float:
-    """Empirical order p of err ~ C NFE^-p: least-squares slope of log err against log NFE, negated.
-    Points that are not finite and positive are left out; NaN when fewer than two remain."""
-    nfe, err = np.asarray(nfe, dtype=float), np.asarray(err, dtype=float)
-    ok = np.isfinite(nfe) & np.isfinite(err) & (nfe > 0) & (err > 0)
-    if ok.sum() < 2 or len(set(nfe[ok])) < 2:
+    """Empirical order p of err ~ C NFE^-p (bench.metrics.trunc.fit_order); NaN where it cannot be fitted."""
+    try:
+        return trunc_fit_order(list(map(float, nfe)), [float(e) for e in err])[0]
+    except ValueError:
         return float("nan")
-    return float(-np.polyfit(np.log(nfe[ok]), np.log(err[ok]), 1)[0])
 
 
 def solver_label(row) -> str:

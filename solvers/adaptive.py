@@ -27,14 +27,14 @@ class NFECapExceeded(ConfigError):
     pass
 
 
-def solve_log_sigma_hat(dyn, x_T, t, rtol=1e-5, atol=1e-5, method="dopri5", nfe_cap=None):
-    """x_0 from x_T at t[0]: odeint in u = log sigma_hat over t (fixed-grid methods step on every grid point,
-    adaptive ones use its ends), then x0-prediction at t[-1].  Evaluations go through dyn's counter."""
+def trajectory_log_sigma_hat(dyn, x_T, t, rtol=1e-5, atol=1e-5, method="dopri5", nfe_cap=None):
+    """States x(t_k) of the probability-flow ODE from x_T at t[0], at every time of t, shape (len(t), *x_T.shape):
+    odeint in u = log sigma_hat (fixed-grid methods step on every grid point; adaptive ones choose their own
+    steps and interpolate at t).  Evaluations go through dyn's counter; nfe_cap stops a solve before it
+    would exceed the cap (one evaluation is kept for the final x0-prediction)."""
     sch = dyn.schedule
-    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
     u = torch.log(sch.sigma_hat(t)).to(x_T)
-    if method in ADAPTIVE:
-        u = u[[0, -1]]
 
     def rhs(u_, x_hat):
         if nfe_cap is not None and dyn.nfe + 2 > nfe_cap:          # +1 for this call, +1 for the final x0
@@ -43,10 +43,19 @@ def solve_log_sigma_hat(dyn, x_T, t, rtol=1e-5, atol=1e-5, method="dopri5", nfe_
                 f"loosen rtol/atol or raise nfe.")
         return torch.exp(u_) * dyn.ode_rhs_sigma_hat(torch.exp(u_), x_hat)
 
-    x_hat = x_T / _bc(sch.alpha(t[0]), x_T)
     kw = {} if method in FIXED_STAGES else {"rtol": rtol, "atol": atol}
-    x_hat = odeint(rhs, x_hat, u, method=method, **kw)[-1]
-    return dyn.x0(x_hat * _bc(sch.alpha(t[-1]), x_hat), t[-1])
+    x_hat = odeint(rhs, x_T / _bc(sch.alpha(t[0]), x_T), u, method=method, **kw)
+    return x_hat * sch.alpha(t).to(x_T).reshape(-1, *([1] * x_T.dim()))
+
+
+def solve_log_sigma_hat(dyn, x_T, t, rtol=1e-5, atol=1e-5, method="dopri5", nfe_cap=None):
+    """x_0 from x_T at t[0]: the trajectory to t[-1] (adaptive methods use only the ends of t), then the
+    x0-prediction at t[-1] (DESIGN 'final step')."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    if method in ADAPTIVE:
+        t = t[[0, -1]]
+    x_end = trajectory_log_sigma_hat(dyn, x_T, t, rtol, atol, method, nfe_cap)[-1]
+    return dyn.x0(x_end, t[-1])
 
 
 def _check(method):

@@ -1,55 +1,214 @@
-"""Global truncation error against a float64 reference solve of the same ODE from the same x_T.
+"""Truncation error of a solver against references of the same model from the same x_T.
 
-The reference integrates d x_hat/d log sigma_hat = sigma_hat eps (EDM form) with torchdiffeq's dopri5 at tight
-tolerance from sigma_hat(T) to sigma_hat(t_min) and then takes the same final step as the solvers
-(x0-prediction at the last positive sigma), so the error measures the solver's discretisation of
-[t_min, T]; it is reported as RMS per dimension over all samples.
+- Global error (deterministic solvers): RMS per dimension of the samples against a float64 reference
+  solve of the probability-flow ODE (torchdiffeq dopri5 at tight tolerance in log sigma_hat), which ends
+  with the same final step as the solvers (x0-prediction at the last positive sigma), so the number
+  measures the solver's discretisation of [t_min, T].  Only the first `n_samples` samples are used; the
+  reference is cached on disk keyed by model config, seed, sample indices, t range and tolerances.
+- Local-error profile: for each step n of the run's grid, one step of the run's solver from the reference
+  state at t_n to t_{n+1} (the solver called on the two-point grid, so it ends with its x0-prediction at
+  t_{n+1}), against the reference's x0-prediction there; RMS per step.  Multistep solvers take their
+  single-step start-up scheme here.
+- Stochastic solvers drawing their noise through rng.increment (spec.brownian): strong error, RMS against
+  the same solver on a grid `refine` times finer driven by the same Brownian path (BrownianRNG);
+  other stochastic solvers get 'n/a'.
+- fit_order: the empirical order across the NFE values of a sweep.
 """
 from __future__ import annotations
+
+import copy
+import math
 
 import torch
 
 from bench.metrics import Metric, MetricContext, register_metric
+from bench.metrics.cache import cached, tensor_hash
 from models.dynamics import Dynamics
-from solvers.adaptive import solve_log_sigma_hat
+from models.errors import ConfigError
+from solvers.adaptive import trajectory_log_sigma_hat
+from solvers.brownian import BrownianRNG, refine_grid
+from solvers.rng import PerSampleRNG
 
 
-def reference_solve(net, schedule, x_T, t_start, t_end, rtol=1e-8, atol=1e-8, method="dopri5"):
-    """float64 solution x_0 of the probability-flow ODE from x_T at t_start, ending with x0-prediction at t_end.
+_F64: dict = {}
+
+
+class _Cast(torch.nn.Module):
+    """Evaluates a network in its own dtype on float64 states (for nets that cannot run in float64)."""
+
+    def __init__(self, net, dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x, t):
+        return self.net(x.to(self.dtype), t).to(x.dtype)
+
+
+def float64_net(net, shape=None):
+    """The network with float64 weights (a copy, made once per network), so references are float64 throughout.
+    A network that fails in float64 (e.g. a float32-only time embedding) is evaluated in its own dtype instead;
+    reference_dtype() then reports it."""
+    params = [p for p in getattr(net, "parameters", lambda: [])() if p.is_floating_point()]
+    if not params or all(p.dtype == torch.float64 for p in params):
+        return net
+    if id(net) not in _F64:
+        net64 = copy.deepcopy(net).double()
+        try:
+            with torch.no_grad():
+                net64(torch.zeros(2, *shape, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64))
+        except RuntimeError:
+            net64 = _Cast(net, params[0].dtype)
+        _F64[id(net)] = (net, net64)
+    return _F64[id(net)][1]
+
+
+def reference_dtype(net, shape) -> str:
+    """'float64', or the network's own dtype where it cannot be evaluated in float64."""
+    n = float64_net(net, shape)
+    return f"float64 (network in {n.dtype})".replace("torch.", "") if isinstance(n, _Cast) else "float64"
+
+
+def reference_trajectory(net, schedule, x_T, t_grid, rtol=1e-8, atol=1e-8, method="dopri5"):
+    """float64 states x(t_k) of the probability-flow ODE from x_T at t_grid[0], at every time of t_grid.
 
     Integrated in u = log sigma_hat, d x_hat/du = sigma_hat eps: smooth over the whole range, and an
     adaptive step that overshoots the end (torchdiffeq steps past t1 and interpolates) stays at sigma_hat > 0.
-    Returns (x_0, nfe used)."""
-    dyn = Dynamics(net, schedule)
-    t = torch.tensor([float(t_start), float(t_end)], dtype=torch.float64)
-    return solve_log_sigma_hat(dyn, x_T.to(torch.float64), t, rtol, atol, method), dyn.nfe
+    Returns (states (len(t_grid), *x_T.shape), nfe used)."""
+    dyn = Dynamics(float64_net(net, x_T.shape[1:]), schedule)
+    traj = trajectory_log_sigma_hat(dyn, x_T.to(torch.float64), t_grid, rtol, atol, method)
+    return traj, dyn.nfe
+
+
+def reference_solve(net, schedule, x_T, t_start, t_end, rtol=1e-8, atol=1e-8, method="dopri5"):
+    """float64 solution x_0: the reference trajectory to t_end, then the x0-prediction there.  Returns (x_0, nfe)."""
+    traj, nfe = reference_trajectory(net, schedule, x_T, [float(t_start), float(t_end)], rtol, atol, method)
+    dyn = Dynamics(float64_net(net, x_T.shape[1:]), schedule)
+    return dyn.x0(traj[-1], float(t_end)), nfe + dyn.nfe
 
 
 def rms(a, b):
     return float(torch.sqrt(((a.double() - b.double()) ** 2).mean()))
 
 
+def fit_order(nfes, errors) -> tuple[float, float]:
+    """Least-squares fit of log error = c - p log NFE over a sweep; returns (p, c).  Rows with a
+    non-positive or missing error are dropped; at least two distinct NFE values are needed."""
+    pts = [(math.log(n), math.log(e)) for n, e in zip(nfes, errors)
+           if n and e is not None and isinstance(e, (int, float)) and e > 0 and math.isfinite(e)]
+    if len({x for x, _ in pts}) < 2:
+        raise ValueError("fit_order needs errors at two or more distinct NFE values")
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return -slope, my - slope * mx
+
+
+def local_error_profile(model, spec, knobs, t, x_T, traj, dtype):
+    """RMS one-step error of each step of grid t started from the reference states traj (at t), in x0 space."""
+    out = []
+    for n in range(len(t) - 1):
+        dyn = Dynamics(model.net, model.schedule)
+        rng = PerSampleRNG(0, range(x_T.shape[0]), device=x_T.device, dtype=dtype)
+        with torch.inference_mode():
+            x0_step = spec.fn(dyn, traj[n].to(dtype), t[n:n + 2], rng, **knobs)
+            x0_ref = Dynamics(float64_net(model.net, model.shape), model.schedule).x0(traj[n + 1], t[n + 1])
+        out.append(rms(x0_step, x0_ref))
+    return out
+
+
+def strong_error(fn, model, x_T, t, seed, indices, refine, knobs=None, dtype=torch.float64):
+    """RMS of the solver on grid t against the same solver on the refined grid, both driven by one
+    Brownian path per sample (BrownianRNG).  Returns (error, fine-grid NFE)."""
+    knobs = knobs or {}
+    fine = refine_grid(t, refine)
+    res = []
+    for grid in (torch.as_tensor(t, dtype=torch.float64), fine):
+        rng = BrownianRNG(seed, indices, fine, device=x_T.device, dtype=dtype)
+        dyn = Dynamics(model.net, model.schedule)
+        with torch.inference_mode():
+            res.append(fn(dyn, x_T.to(dtype), grid, rng, **knobs))
+    return rms(res[0], res[1]), dyn.nfe
+
+
 @register_metric("trunc")
 class TruncationError(Metric):
-    def __init__(self, rtol: float = 1e-8, atol: float = 1e-8, method: str = "dopri5"):
-        super().__init__(rtol=rtol, atol=atol, method=method)
+    def __init__(self, rtol: float = 1e-8, atol: float = 1e-8, method: str = "dopri5", n_samples: int = 256,
+                 profile: bool = True, profile_samples: int = 32, refine: int = 8):
+        for k, v, lo in (("n_samples", n_samples, 1), ("profile_samples", profile_samples, 1), ("refine", refine, 2)):
+            if not isinstance(v, int) or v < lo:
+                raise ConfigError(f"trunc: {k} must be an integer >= {lo}, got {v!r}")
+        super().__init__(rtol=rtol, atol=atol, method=method, n_samples=n_samples, profile=profile,
+                         profile_samples=profile_samples, refine=refine)
+
+    def _n(self, ctx, key="n_samples"):
+        return min(self.knobs[key], int(ctx.samples.shape[0]))
 
     def protocol(self, ctx):
-        return {"metric": "trunc", "reference": self.knobs["method"], "reference_dtype": "float64",
-                "rtol": self.knobs["rtol"], "atol": self.knobs["atol"], "variable": "log_sigma_hat",
-                "final_step": "denoise", "statistic": "rms_per_dim", "n_samples": int(ctx.samples.shape[0])}
+        k = self.knobs
+        if ctx.spec.stochastic:
+            return {"metric": "trunc", "statistic": "strong_rms_per_dim", "reference": "same_solver_fine_grid",
+                    "refine": k["refine"], "noise": "brownian_path_per_sample", "n_samples": self._n(ctx),
+                    "applicable": bool(ctx.spec.brownian)}
+        return {"metric": "trunc", "reference": k["method"], "reference_dtype": reference_dtype(ctx.model.net, ctx.model.shape),
+                "rtol": k["rtol"], "atol": k["atol"], "variable": "log_sigma_hat",
+                "final_step": "denoise", "statistic": "rms_per_dim", "n_samples": self._n(ctx),
+                "sample_indices": f"0..{self._n(ctx) - 1}",
+                "profile": "one_step_x0_rms" if k["profile"] else None,
+                "profile_samples": self._n(ctx, "profile_samples") if k["profile"] else None}
+
+    def _ref_key(self, ctx, n, t_part):
+        k = self.knobs
+        return {"model": ctx.cfg.get("model"), "seed": ctx.cfg.get("seed"), "indices": [0, n],
+                "t": [float(v) for v in t_part], "rtol": k["rtol"], "atol": k["atol"], "method": k["method"],
+                "x_T": tensor_hash(ctx.x_T[:n])}
+
+    def _reference(self, ctx, n):
+        """float64 reference x_0 of the first n samples, cached on disk."""
+        m, k = ctx.model, self.knobs
+
+        def solve():
+            refs, nfe = [], 0
+            for i in range(0, n, ctx.batch_size):
+                with torch.inference_mode():
+                    r, used = reference_solve(m.net, m.schedule, ctx.x_T[i:min(i + ctx.batch_size, n)],
+                                              ctx.t[0], ctx.t[-1], k["rtol"], k["atol"], k["method"])
+                refs.append(r.cpu())
+                nfe = max(nfe, used)
+            return {"x0": torch.cat(refs), "nfe": nfe}
+
+        key = self._ref_key(ctx, n, [ctx.t[0], ctx.t[-1]])
+        return cached(ctx.cfg.get("results_dir", "results"), "trunc_ref", key, solve)
 
     def compute(self, ctx: MetricContext) -> dict:
         if ctx.spec.stochastic:
-            return {"trunc_rms": None, "trunc_note": "n/a: stochastic solver (no ODE reference)"}
-        m = ctx.model
-        refs, nfe = [], 0
-        for i in range(0, ctx.x_T.shape[0], ctx.batch_size):
-            xb = ctx.x_T[i:i + ctx.batch_size]
+            return self._stochastic(ctx)
+        n, m, k = self._n(ctx), ctx.model, self.knobs
+        ref = self._reference(ctx, n)
+        out = {"trunc_rms": rms(ctx.samples[:n], ref["x0"].to(ctx.samples.device)), "trunc_ref_nfe": ref["nfe"]}
+        ctx.cache["trunc_reference"] = ref["x0"]
+        if k["profile"]:
+            out["trunc_local_profile"] = self._profile(ctx)
+        return out
+
+    def _profile(self, ctx):
+        m, k, spec = ctx.model, self.knobs, ctx.spec
+        if spec.min_steps > 2:
+            return f"n/a: solver '{spec.name}' needs at least {spec.min_steps} grid points per call"
+        n = self._n(ctx, "profile_samples")
+
+        def solve():
             with torch.inference_mode():
-                r, n = reference_solve(m.net, m.schedule, xb, ctx.t[0], ctx.t[-1], **self.knobs)
-            refs.append(r)
-            nfe = max(nfe, n)
-        ref = torch.cat(refs).to(ctx.samples.device)
-        ctx.cache["trunc_reference"] = ref
-        return {"trunc_rms": rms(ctx.samples, ref), "trunc_ref_nfe": nfe}
+                traj, _ = reference_trajectory(m.net, m.schedule, ctx.x_T[:n], ctx.t, k["rtol"], k["atol"], k["method"])
+            return traj.cpu()
+
+        traj = cached(ctx.cfg.get("results_dir", "results"), "trunc_traj", self._ref_key(ctx, n, ctx.t), solve)
+        return local_error_profile(m, spec, ctx.knobs, ctx.t, ctx.x_T[:n], traj.to(ctx.x_T.device), ctx.dtype)
+
+    def _stochastic(self, ctx):
+        spec = ctx.spec
+        if not spec.brownian:
+            return {"trunc_rms": None, "trunc_note": f"n/a: stochastic solver '{spec.name}' does not draw its noise "
+                    "through rng.increment (spec.brownian is false), so no same-path reference is defined"}
+        n = self._n(ctx)
+        err, nfe = strong_error(spec.fn, ctx.model, ctx.x_T[:n], ctx.t, ctx.cfg.get("seed", 0), range(n),
+                                self.knobs["refine"], ctx.knobs, ctx.dtype)
+        return {"trunc_rms": err, "trunc_ref_nfe": nfe}

@@ -1,0 +1,186 @@
+"""Fréchet distance between the samples and the data (Heusel et al. 2017, eq. 6):
+d^2 = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2}).
+
+Three feature spaces, picked from what the model carries:
+- gmm (model.data has exact moments): raw samples against the exact data mean/cov; beside it the same
+  statistic on as many exact samples (`fid_exact_samples`), the estimator's own bias at that sample count.
+- model.feature_net (digits): that network's features, through torchmetrics' FrechetInceptionDistance.
+- RGB/grey images without one: Inception-v3 pool features (torchmetrics + torch-fidelity), from the
+  standard weights or a local weights file (`inception_weights`, offline).
+- vector data without feature net (toy2d): identity features.
+Reference statistics of real data are computed once and cached on disk (bench/metrics/cache.py), keyed by
+data set id, feature extractor, split and reference count.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.metrics import Metric, MetricContext, register_metric
+from bench.metrics.cache import cached, key_hash
+from models.errors import ConfigError
+from solvers.rng import sample_seed
+
+SPLITS = ("train", "test")
+EXACT_SAMPLES_STREAM = 1 << 40     # index of the generator stream of the exact reference samples
+
+
+def frechet_distance(mu1, S1, mu2, S2) -> float:
+    """Closed form of the squared Fréchet (W2) distance of two Gaussians, in float64.
+    Tr (S1 S2)^{1/2} = Tr (S1^{1/2} S2 S1^{1/2})^{1/2}, symmetric so eigvalsh applies."""
+    mu1, S1, mu2, S2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, S1, mu2, S2))
+    ev, U = torch.linalg.eigh(S1)
+    r1 = (U * ev.clamp_min(0).sqrt()) @ U.T
+    m = r1 @ S2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp_min(0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(S1) + torch.trace(S2) - 2 * tr_sqrt)
+
+
+def moments(x):
+    """Sample mean and unbiased covariance of rows of x (flattened), float64."""
+    x = x.detach().flatten(1).to("cpu", torch.float64)
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (x.shape[0] - 1)
+
+
+class _Features(nn.Module):
+    """Wraps a feature callable as the nn.Module torchmetrics wants, with num_features set."""
+
+    def __init__(self, fn, num_features: int):
+        super().__init__()
+        self.fn, self.num_features = fn, num_features
+
+    def forward(self, x):
+        return self.fn(x).flatten(1)
+
+
+def _module_hash(fn) -> str:
+    if isinstance(fn, nn.Module):
+        h = hashlib.sha256()
+        for k, v in sorted(fn.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to("cpu", torch.float64).numpy().tobytes())
+        return h.hexdigest()[:16]
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _file_hash(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+@register_metric("fid")
+class FID(Metric):
+    def __init__(self, real_split: str = "train", n_ref: int | None = None, inception_weights: str | None = None,
+                 inception_dims: int = 2048, batch_size: int = 500):
+        if real_split not in SPLITS:
+            raise ConfigError(f"fid: real_split must be one of {', '.join(SPLITS)}, got '{real_split}'")
+        if n_ref is not None and (not isinstance(n_ref, int) or n_ref < 2):
+            raise ConfigError(f"fid: n_ref must be null (all real data) or an integer >= 2, got {n_ref!r}")
+        if inception_weights is not None and not Path(inception_weights).is_file():
+            raise ConfigError(f"fid: inception_weights file not found: '{inception_weights}'")
+        super().__init__(real_split=real_split, n_ref=n_ref, inception_weights=inception_weights,
+                         inception_dims=inception_dims, batch_size=batch_size)
+
+    # --- which feature space ------------------------------------------------------------------
+    def _kind(self, model) -> str:
+        if model.data is not None and hasattr(model.data, "cov"):
+            return "exact_moments"
+        if model.feature_net is not None:
+            return "feature_net"
+        if model.real_data is None:
+            raise ConfigError(f"fid: model '{model.name}' has neither exact data moments nor real data")
+        if len(model.shape) == 3 and model.shape[0] in (1, 3):
+            return "inception"
+        return "identity"
+
+    def _extractor(self, model):
+        """(nn.Module for torchmetrics or an int feature size, extractor id)."""
+        kind = self._kind(model)
+        if kind == "feature_net":
+            probe = model.real_data(self.knobs["real_split"])[:2]
+            with torch.no_grad():
+                nf = int(model.feature_net(probe).flatten(1).shape[1])
+            return _Features(model.feature_net, nf), f"feature_net:{model.name}:{_module_hash(model.feature_net)}"
+        if kind == "identity":
+            d = int(torch.Size(model.shape).numel())
+            return _Features(lambda x: x, d), f"identity:{d}"
+        w = self.knobs["inception_weights"]
+        return self.knobs["inception_dims"], (f"inception-v3-compat:{self.knobs['inception_dims']}:"
+                                              + (f"file-{_file_hash(w)}" if w else "torchmetrics-default"))
+
+    def _fid_module(self, model, feature):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if isinstance(feature, int):
+            try:
+                return FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
+                                                feature_extractor_weights_path=self.knobs["inception_weights"])
+            except ModuleNotFoundError as e:
+                raise ConfigError(f"fid: Inception features need torch-fidelity ({e})") from None
+            except Exception as e:  # no network and no local file: say how to run offline
+                raise ConfigError(f"fid: could not load Inception-v3 weights ({type(e).__name__}: {e}); "
+                                  "set metric_cfg.fid.inception_weights to a local weights file") from None
+        return FrechetInceptionDistance(feature=feature, reset_real_features=False)
+
+    def _prep(self, model, x, kind):
+        """Model-space samples -> the extractor's input (Inception: RGB floats in [0, 1])."""
+        if kind != "inception":
+            return x.float()
+        lo, hi = model.data_range or (-1.0, 1.0)
+        x = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def _ref_key(self, ctx, ext_id):
+        m = ctx.model
+        return {"dataset": m.dataset_id or m.name, "extractor": ext_id, "split": self.knobs["real_split"],
+                "n_ref": self.knobs["n_ref"]}
+
+    def protocol(self, ctx):
+        n = int(ctx.samples.shape[0])
+        kind = self._kind(ctx.model)
+        if kind == "exact_moments":
+            return {"metric": "fid", "features": "identity", "reference": "exact_data_moments", "n_samples": n,
+                    "estimator": "unbiased_cov", "exact_samples_stream": EXACT_SAMPLES_STREAM}
+        _, ext_id = ctx.cache.setdefault("fid_extractor", self._extractor(ctx.model))
+        key = self._ref_key(ctx, ext_id)
+        return {"metric": "fid", "features": ext_id, "reference": f"real_data:{key['split']}", "n_samples": n,
+                "n_ref": self.knobs["n_ref"], "ref_stats_id": key_hash(key), "estimator": "torchmetrics_fid"}
+
+    # --- computation --------------------------------------------------------------------------
+    def compute(self, ctx: MetricContext) -> dict:
+        kind = self._kind(ctx.model)
+        if kind == "exact_moments":
+            return self._exact(ctx)
+        feature, ext_id = ctx.cache.setdefault("fid_extractor", self._extractor(ctx.model))
+        fid = self._fid_module(ctx.model, feature)
+        bs = self.knobs["batch_size"]
+
+        def real_stats():
+            x = ctx.model.real_data(self.knobs["real_split"])
+            x = x[: self.knobs["n_ref"]] if self.knobs["n_ref"] else x
+            with torch.no_grad():
+                for i in range(0, x.shape[0], bs):
+                    fid.update(self._prep(ctx.model, x[i:i + bs], kind), real=True)
+            return {k: getattr(fid, k).clone() for k in
+                    ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}
+
+        stats = cached(ctx.cfg.get("results_dir", "results"), "fid_ref", self._ref_key(ctx, ext_id), real_stats)
+        for k, v in stats.items():
+            setattr(fid, k, v.clone())
+        with torch.no_grad():
+            for i in range(0, ctx.samples.shape[0], bs):
+                fid.update(self._prep(ctx.model, ctx.samples[i:i + bs].cpu(), kind), real=False)
+            value = float(fid.compute())
+        return {"fid": value, "fid_n_ref": int(stats["real_features_num_samples"])}
+
+    def _exact(self, ctx):
+        gmm, n = ctx.model.data, int(ctx.samples.shape[0])
+        mu, cov = gmm.mean(), gmm.cov()
+        g = torch.Generator().manual_seed(sample_seed(ctx.cfg.get("seed", 0), EXACT_SAMPLES_STREAM))
+        exact = gmm.sample(n, generator=g)
+        return {"fid": frechet_distance(*moments(ctx.samples), mu, cov),
+                "fid_exact_samples": frechet_distance(*moments(exact), mu, cov)}
