@@ -98,7 +98,7 @@ def train(name: str, overrides: dict | None = None) -> dict:
         if (step + 1) % cfg.get("save_every", 10**9) == 0 or last:
             record = {"name": name, "train_config": cfg, "seed": cfg["seed"], "steps_done": step + 1,
                       "final_loss_ema100": run_loss, "wall_time_s": time.perf_counter() - t0,
-                      "n_params": n_params, "torch": torch.__version__, "threads": cfg["threads"]}
+                      "n_params": n_params, "torch": str(torch.__version__), "threads": cfg["threads"]}
             if is_eps:
                 record["schedule"] = schedule.describe()
             else:
