@@ -15,6 +15,7 @@ from bench import store
 from bench.metrics import MetricContext, make_metric
 from models.dynamics import Dynamics
 from models.errors import ConfigError
+from models.netio import compile_model
 from models.registry import load_model
 from solvers.registry import get_solver
 from solvers.rng import PerSampleRNG
@@ -110,6 +111,7 @@ def run(cfg: dict) -> dict:
     t_start = time.perf_counter()
     spec, knobs, metrics, steps, ts_name, ts_cfg, model, t = plan(cfg)
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
+    model = compile_model(model, cfg.get("compile", False))
     x_T, samples, nfes, sampling_time = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"],
                                                  cfg["seed"], device, dtype, cfg.get("progress", False))
     if len(set(nfes)) != 1:
@@ -137,10 +139,19 @@ def run(cfg: dict) -> dict:
     return row
 
 
+@lru_cache(maxsize=1)
+def default_model() -> str | None:
+    """The model named in conf/config.yaml's defaults list."""
+    import yaml
+
+    with open(REPO / "conf" / "config.yaml") as f:
+        return next((d["model"] for d in yaml.safe_load(f)["defaults"] if isinstance(d, dict) and "model" in d), None)
+
+
 def format_summary(row: dict) -> str:
     """A short table of one run for the terminal."""
     lines = [
-        ("model", row["model"]),
+        ("model", row["model"] + (" (the default; choose with model=NAME)" if row["model"] == default_model() else "")),
         ("solver", row["solver"] + (f" {row['solver_knobs']}" if row["solver_knobs"] else "")),
         ("time steps", f"{row['timesteps']} ({row['steps']} steps, final step: {row['final_step']})"),
         ("NFE (budget / counted)", f"{row['nfe_budget']} / {row['nfe']}"),

@@ -36,7 +36,10 @@ def resolve_dir(path: str, local_files_only: bool, revision=None) -> Path:
         return p
     if p.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
         raise ConfigError(f"model=hf_ddpm: '{path}' is neither a local directory nor a hub id of the form owner/name.")
-    from huggingface_hub import snapshot_download
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError("model=hf_ddpm with a hub id needs the optional extra: pip install -e '.[hf]'") from None
     try:
         return Path(snapshot_download(str(path), revision=revision, local_files_only=local_files_only))
     except Exception as e:
@@ -70,9 +73,9 @@ class DiscreteEps(nn.Module):
 
 @register_model("hf_ddpm")
 def load_hf_ddpm(cfg: dict) -> LoadedModel:
-    diffusers = _import_diffusers()
     root = resolve_dir(cfg.get("path"), bool(cfg.get("local_files_only", True)), cfg.get("revision"))
     unet_dir, sched_file = find_parts(root)
+    diffusers = _import_diffusers()
     try:
         scheduler = diffusers.DDPMScheduler.from_config(json.loads(sched_file.read_text()))
     except Exception as e:

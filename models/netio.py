@@ -1,6 +1,7 @@
 """Loading a network's weights with clear errors, and adapting a trained network to the suite's eps(x, t) call."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from models.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("models")
 
 
 def resolve_path(path, what: str) -> Path:
@@ -24,6 +26,7 @@ def read_checkpoint(path, what: str, hint: str = "") -> dict:
     p = resolve_path(path, what)
     if not p.is_file():
         raise ConfigError(f"{what}: weights file '{p}' does not exist. {hint}".strip())
+    log.info("loading weights %s", p)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
@@ -88,3 +91,25 @@ class EpsAdapter(nn.Module):
         net = self._net_for(x)
         xin = x * self.x_scale + self.x_shift if (self.x_scale != 1.0 or self.x_shift != 0.0) else x
         return net(xin, t_in.to(x.device)).to(x.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def compile_model(model, backend):
+    """The LoadedModel with torch.compile applied to its network, once per process; backend True = inductor."""
+    import dataclasses
+
+    if backend is False or backend is None:
+        return model
+    backend = "inductor" if backend is True else str(backend)
+    import torch._dynamo
+
+    valid = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in valid:
+        raise ConfigError(f"Unknown compile backend '{backend}'. Valid values are: false, true (inductor), "
+                          f"{', '.join(valid)}.")
+    key = (id(model), backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = (model, dataclasses.replace(model, net=torch.compile(model.net, backend=backend)))
+    return _COMPILED[key][1]

@@ -42,7 +42,7 @@ def test_multirun_records_each_cell(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["solver=nope"], "Valid solver names are: euler"),
-    (["model=nope"], "Valid model names are: gmm"),
+    (["model=nope"], "Valid model names are: custom, digits, gmm, hf_ddpm, toy2d"),
     (["timesteps=nope"], "Valid time-step schedule names are: auto, edm"),
     (["solver=heun", "nfe=2"], "cannot meet an NFE budget of 2"),
     (["metrics=[nope]"], "Valid metric names are: "),
