@@ -25,7 +25,7 @@ class TimeMLP(nn.Module):
         self.net = nn.Sequential(nn.Linear(emb_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t):
-        return self.net(timestep_embedding(t, self.emb_dim))
+        return self.net(timestep_embedding(t, self.emb_dim).to(self.net[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
