@@ -17,6 +17,7 @@ from bench import store
 from bench.metrics import MetricContext, make_metric
 from models.dynamics import Dynamics
 from models.errors import ConfigError
+from models.netio import compile_model
 from models.registry import load_model
 from solvers.registry import get_solver
 from solvers.rng import PerSampleRNG
@@ -279,6 +280,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
                           f"got shard_index={shard_index!r}, num_shards={num_shards!r}")
     spec, knobs, metrics, steps, ts_name, ts_cfg, model, t = plan(cfg)
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
+    model = compile_model(model, cfg.get("compile", False))
     config = {**cfg, "timesteps": {"name": ts_name, **ts_cfg}}
     row = {**head, "steps": steps, "device": str(device), "final_step": spec.final_step, "metrics": {},
            "protocols": {}, "sample_shape": list(model.shape), "config": config}
@@ -331,6 +333,15 @@ def cell_label(row: dict) -> str:
     return f"{row['model']} {row['solver']}{knobs} nfe={row['nfe_budget']} seed={row['seed']} n={row['n_samples']}"
 
 
+@lru_cache(maxsize=1)
+def default_model() -> str | None:
+    """The model named in conf/config.yaml's defaults list."""
+    import yaml
+
+    with open(REPO / "conf" / "config.yaml") as f:
+        return next((d["model"] for d in yaml.safe_load(f)["defaults"] if isinstance(d, dict) and "model" in d), None)
+
+
 def format_summary(row: dict) -> str:
     """A short table of one run for the terminal (one line for a skipped, failed or diverged cell)."""
     st = row["status"]
@@ -342,7 +353,7 @@ def format_summary(row: dict) -> str:
         return (f"  diverged: {cell_label(row)}: {row['n_diverged']} of {row['n_samples']} samples not finite, "
                 f"first at step {row['diverged_step']} of {row['steps']}  (recorded as run {row['id']})")
     lines = [
-        ("model", row["model"]),
+        ("model", row["model"] + (" (the default; choose with model=NAME)" if row["model"] == default_model() else "")),
         ("solver", row["solver"] + (f" {row['solver_knobs']}" if row["solver_knobs"] else "")),
         ("time steps", f"{row['timesteps']} ({row['steps']} steps, final step: {row['final_step']})"),
         ("NFE (budget / counted)", f"{row['nfe_budget']} / {row['nfe']}"),

@@ -16,7 +16,7 @@ from models.schedules import NoiseSchedule, make_schedule
 @dataclass
 class LoadedModel:
     name: str
-    net: Any                      # callable eps(x, t) with t of shape (batch,)
+    net: Any                      # callable eps(x, t), t of shape (batch,); runs in x's dtype and device (float64 references)
     schedule: NoiseSchedule
     shape: tuple                  # shape of one sample
     data: Any = None              # exact data distribution when known (gmm): sample, log_prob, mean, cov

@@ -24,7 +24,7 @@ def rows(results):
 
 
 def test_main_command_records_a_row(tmp_path):
-    r = bench("run", "solver=heun", "nfe=18", "n_samples=64", f"results_dir={tmp_path}")
+    r = bench("run", "model=gmm", "solver=heun", "nfe=18", "n_samples=64", f"results_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "trunc_rms" in r.stdout and "18 / 17" in r.stdout
     (row,) = rows(tmp_path)
@@ -34,7 +34,7 @@ def test_main_command_records_a_row(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_records_each_cell(tmp_path):
-    r = bench("run", "-m", "solver=euler,heun", "nfe=10,20", "n_samples=32", f"results_dir={tmp_path}")
+    r = bench("run", "-m", "model=gmm", "solver=euler,heun", "nfe=10,20", "n_samples=32", f"results_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     got = sorted((s, b, n) for s, b, n, *_ in rows(tmp_path))
     assert got == [("euler", 10, 10), ("euler", 20, 20), ("heun", 10, 9), ("heun", 20, 19)]
@@ -42,7 +42,7 @@ def test_multirun_records_each_cell(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["solver=nope"], "Valid solver names are: ab, ancestral, "),
-    (["model=nope"], "Valid model names are: gmm"),
+    (["model=nope"], "Valid model names are: custom, digits, gmm, hf_ddpm, toy2d"),
     (["timesteps=nope"], "Valid time-step schedule names are: auto, edm"),
     (["solver=heun", "nfe=2"], "cannot meet an NFE budget of 2"),
     (["metrics=[nope]"], "Valid metric names are: "),

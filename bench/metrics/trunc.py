@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -30,51 +29,13 @@ from solvers.brownian import BrownianRNG, refine_grid
 from solvers.rng import PerSampleRNG
 
 
-_F64: dict = {}
-
-
-class _Cast(torch.nn.Module):
-    """Evaluates a network in its own dtype on float64 states (for nets that cannot run in float64)."""
-
-    def __init__(self, net, dtype):
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x, t):
-        return self.net(x.to(self.dtype), t).to(x.dtype)
-
-
-def float64_net(net, shape=None):
-    """The network with float64 weights (a copy, made once per network), so references are float64 throughout.
-    A network that fails in float64 (e.g. a float32-only time embedding) is evaluated in its own dtype instead;
-    reference_dtype() then reports it."""
-    params = [p for p in getattr(net, "parameters", lambda: [])() if p.is_floating_point()]
-    if not params or all(p.dtype == torch.float64 for p in params):
-        return net
-    if id(net) not in _F64:
-        net64 = copy.deepcopy(net).double()
-        try:
-            with torch.no_grad():
-                net64(torch.zeros(2, *shape, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64))
-        except RuntimeError:
-            net64 = _Cast(net, params[0].dtype)
-        _F64[id(net)] = (net, net64)
-    return _F64[id(net)][1]
-
-
-def reference_dtype(net, shape) -> str:
-    """'float64', or the network's own dtype where it cannot be evaluated in float64."""
-    n = float64_net(net, shape)
-    return f"float64 (network in {n.dtype})".replace("torch.", "") if isinstance(n, _Cast) else "float64"
-
-
 def reference_trajectory(net, schedule, x_T, t_grid, rtol=1e-8, atol=1e-8, method="dopri5"):
     """float64 states x(t_k) of the probability-flow ODE from x_T at t_grid[0], at every time of t_grid.
 
     Integrated in u = log sigma_hat, d x_hat/du = sigma_hat eps: smooth over the whole range, and an
     adaptive step that overshoots the end (torchdiffeq steps past t1 and interpolates) stays at sigma_hat > 0.
     Returns (states (len(t_grid), *x_T.shape), nfe used)."""
-    dyn = Dynamics(float64_net(net, x_T.shape[1:]), schedule)
+    dyn = Dynamics(net, schedule)
     traj = trajectory_log_sigma_hat(dyn, x_T.to(torch.float64), t_grid, rtol, atol, method)
     return traj, dyn.nfe
 
@@ -82,7 +43,7 @@ def reference_trajectory(net, schedule, x_T, t_grid, rtol=1e-8, atol=1e-8, metho
 def reference_solve(net, schedule, x_T, t_start, t_end, rtol=1e-8, atol=1e-8, method="dopri5"):
     """float64 solution x_0: the reference trajectory to t_end, then the x0-prediction there.  Returns (x_0, nfe)."""
     traj, nfe = reference_trajectory(net, schedule, x_T, [float(t_start), float(t_end)], rtol, atol, method)
-    dyn = Dynamics(float64_net(net, x_T.shape[1:]), schedule)
+    dyn = Dynamics(net, schedule)
     return dyn.x0(traj[-1], float(t_end)), nfe + dyn.nfe
 
 
@@ -110,7 +71,7 @@ def local_error_profile(model, spec, knobs, t, x_T, traj, dtype):
         rng = PerSampleRNG(0, range(x_T.shape[0]), device=x_T.device, dtype=dtype)
         with torch.inference_mode():
             x0_step = spec.fn(dyn, traj[n].to(dtype), t[n:n + 2], rng, **knobs)
-            x0_ref = Dynamics(float64_net(model.net, model.shape), model.schedule).x0(traj[n + 1], t[n + 1])
+            x0_ref = Dynamics(model.net, model.schedule).x0(traj[n + 1], t[n + 1])
         out.append(rms(x0_step, x0_ref))
     return out
 
@@ -148,7 +109,7 @@ class TruncationError(Metric):
             return {"metric": "trunc", "statistic": "strong_rms_per_dim", "reference": "same_solver_fine_grid",
                     "refine": k["refine"], "noise": "brownian_path_per_sample", "n_samples": self._n(ctx),
                     "applicable": bool(ctx.spec.brownian)}
-        return {"metric": "trunc", "reference": k["method"], "reference_dtype": reference_dtype(ctx.model.net, ctx.model.shape),
+        return {"metric": "trunc", "reference": k["method"], "reference_dtype": "float64",
                 "rtol": k["rtol"], "atol": k["atol"], "variable": "log_sigma_hat",
                 "final_step": "denoise", "statistic": "rms_per_dim", "n_samples": self._n(ctx),
                 "sample_indices": f"0..{self._n(ctx) - 1}",
