@@ -10,7 +10,8 @@ from test_cli import bench
 
 @pytest.mark.slow
 def test_all_three_metrics_write_their_columns_and_protocols(tmp_path):
-    r = bench("run", "solver=heun", "nfe=10", "n_samples=64", "metrics=[fid,nll,trunc]",
+    r = bench("run", "model=gmm", "solver=heun", "nfe=10", "n_samples=64", "metrics=[fid,nll,trunc]",
+              "metric_cfg.trunc.profile=true",
               "metric_cfg.nll.n_points=16", f"results_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     with sqlite3.connect(tmp_path / "results.sqlite") as con:

@@ -19,7 +19,7 @@ from models.registry import LoadedModel, load_model, register_model
 
 def cfg_for(results_dir, *overrides):
     with initialize_config_dir(CONF_DIR, version_base=None):
-        c = compose("config", ["n_samples=16", "batch_size=8", "progress=false", f"results_dir={results_dir}",
+        c = compose("config", ["model=gmm", "n_samples=16", "batch_size=8", "progress=false", f"results_dir={results_dir}",
                                *overrides])
     return OmegaConf.to_container(c, resolve=True)
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-SWEEP = ["run", "-m", "solver=euler,heun,midpoint,ralston,rk3,rk4", "nfe=9,17", "n_samples=256", "progress=false"]
+SWEEP = ["run", "-m", "model=gmm", "solver=euler,heun,midpoint,ralston,rk3,rk4", "nfe=9,17", "n_samples=256", "progress=false"]
 
 
 def bench(*args, timeout=300):
@@ -60,7 +60,7 @@ def test_killed_sweep_rerun_records_each_cell_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_workers_racing_on_one_cell_record_it_once(tmp_path):
-    r = bench("run", "-m", "solver=euler", "nfe=8", "seed=0,0,0", "n_samples=64", "metrics=[]",
+    r = bench("run", "-m", "model=gmm", "solver=euler", "nfe=8", "seed=0,0,0", "n_samples=64", "metrics=[]",
               f"results_dir={tmp_path}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [n for _, n, _ in per_key(tmp_path)] == [1]
@@ -69,7 +69,7 @@ def test_parallel_workers_racing_on_one_cell_record_it_once(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
-    r = bench("run", "-m", "solver=euler,heun", "nfe=8", "n_samples=16", "metrics=[]", f"results_dir={tmp_path}",
+    r = bench("run", "-m", "model=gmm", "solver=euler,heun", "nfe=8", "n_samples=16", "metrics=[]", f"results_dir={tmp_path}",
               "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 cells: 2 done" in r.stdout
@@ -80,16 +80,16 @@ def test_submitit_local_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_goes_on_past_invalid_and_summarises(tmp_path):
-    r = bench("run", "-m", "solver=euler,rk4", "nfe=3", "n_samples=8", "metrics=[]", f"results_dir={tmp_path}")
+    r = bench("run", "-m", "model=gmm", "solver=euler,rk4", "nfe=3", "n_samples=8", "metrics=[]", f"results_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 cells: 1 done, 0 skipped, 0 failed, 1 invalid" in r.stdout
-    assert "invalid: solver=rk4" in r.stdout and "cannot meet an NFE budget of 3" in r.stdout
+    assert "invalid: model=gmm solver=rk4" in r.stdout and "cannot meet an NFE budget of 3" in r.stdout
 
 
 @pytest.mark.slow
 def test_compare_catches_an_injected_regression(tmp_path):
     cur, base = tmp_path / "cur", tmp_path / "base.csv"
-    r = bench("run", "-m", "solver=euler,heun", "nfe=9", "n_samples=16", f"results_dir={cur}", "progress=false")
+    r = bench("run", "-m", "model=gmm", "solver=euler,heun", "nfe=9", "n_samples=16", f"results_dir={cur}", "progress=false")
     assert r.returncode == 0, r.stderr[-2000:]
     assert bench("export", "--results-dir", str(cur), "--format", "csv", "--out", str(tmp_path / "base")).returncode == 0
     ok = bench("compare", "--baseline", str(base), "--results-dir", str(cur))
