@@ -71,3 +71,15 @@ def test_dequantized_bits_per_dim_follow_score_sde_offset(tmp_path):
     # expected: -log2 p(x)/D for the model-space density, plus log2(L) - log2(hi - lo)
     expected = (-gauss.log_prob(x.flatten(1)) / (4 * math.log(2))).mean() + math.log2(17) - 1
     assert out["nll_bpd"] == pytest.approx(float(expected), abs=0.01)
+
+
+def test_nll_is_cached_by_model_and_protocol(gmm_model, tmp_path):
+    from bench.metrics import cache
+
+    ctx = make_ctx(gmm_model, torch.zeros(8, 4), tmp_path)
+    before = cache.computed["nll"]
+    m = make_metric("nll", {"n_points": 8, "divergence": "exact"})
+    first, second = m.compute(ctx), m.compute(ctx)
+    assert first == second and cache.computed["nll"] == before + 1      # the second call is a cache hit
+    make_metric("nll", {"n_points": 8, "divergence": "exact", "rtol": 1e-6}).compute(ctx)
+    assert cache.computed["nll"] == before + 2                          # another protocol is another entry

@@ -40,3 +40,20 @@ def cached(results_dir, kind: str, key: dict, compute):
     torch.save({"key": norm_key, "value": value}, tmp)
     tmp.replace(path)
     return value
+
+
+_FINGERPRINTS: dict = {}
+
+
+def model_fingerprint(model) -> str:
+    """Content hash of a model's network weights (once per process), so cached references go stale when
+    the weights change even if the config does not; '' for a network without parameters (gmm)."""
+    net = model.net
+    if id(net) not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for name, v in sorted(getattr(net, "state_dict", dict)().items()):
+            if torch.is_tensor(v):
+                h.update(name.encode())
+                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        _FINGERPRINTS[id(net)] = (net, h.hexdigest()[:20])
+    return _FINGERPRINTS[id(net)][1]

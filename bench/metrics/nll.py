@@ -25,6 +25,7 @@ import torch
 from torchdiffeq import odeint
 
 from bench.metrics import Metric, MetricContext, register_metric
+from bench.metrics.cache import cached, model_fingerprint
 from models.dynamics import Dynamics
 from models.errors import ConfigError
 from solvers.rk import TABLEAUS
@@ -222,6 +223,12 @@ class NLL(Metric):
         return "real_test_uniform_dequantized" if m.n_levels and m.data_range else "real_test"
 
     def compute(self, ctx: MetricContext) -> dict:
+        """Cached on disk by model (config and weights) and protocol: the value does not depend on the run's
+        samples, so a sweep over solvers with the default dopri5 NLL solve pays for it once."""
+        key = {"model": ctx.cfg.get("model"), "weights": model_fingerprint(ctx.model), **self.protocol(ctx)}
+        return cached(ctx.cfg.get("results_dir", "results"), "nll", key, lambda: self._compute(ctx))
+
+    def _compute(self, ctx: MetricContext) -> dict:
         m, k = ctx.model, self.knobs
         if k["prior"] == "exact" and not hasattr(m.data, "log_prob_t"):
             raise ConfigError(f"nll: prior 'exact' needs a model with an exact q_T (gmm), not '{m.name}'")

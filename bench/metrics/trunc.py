@@ -21,7 +21,7 @@ import math
 import torch
 
 from bench.metrics import Metric, MetricContext, register_metric
-from bench.metrics.cache import cached, tensor_hash
+from bench.metrics.cache import cached, model_fingerprint, tensor_hash
 from models.dynamics import Dynamics
 from models.errors import ConfigError
 from solvers.adaptive import trajectory_log_sigma_hat
@@ -118,7 +118,8 @@ class TruncationError(Metric):
 
     def _ref_key(self, ctx, n, t_part):
         k = self.knobs
-        return {"model": ctx.cfg.get("model"), "seed": ctx.cfg.get("seed"), "indices": [0, n],
+        return {"model": ctx.cfg.get("model"), "weights": model_fingerprint(ctx.model), "seed": ctx.cfg.get("seed"),
+                "indices": [0, n],
                 "t": [float(v) for v in t_part], "rtol": k["rtol"], "atol": k["atol"], "method": k["method"],
                 "x_T": tensor_hash(ctx.x_T[:n])}
 
