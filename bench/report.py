@@ -16,10 +16,12 @@ from bench.metrics.trunc import fit_order as trunc_fit_order
 #   log: log-log axes;  order: fit and show the convergence order (error columns)
 QUALITY = {
     "trunc_rms": {"label": "truncation error (RMS)", "log": True, "order": True},
+    "trunc_strong_rms": {"label": "strong error of stochastic solvers (RMS, same Brownian path)", "log": True,
+                         "order": True},
     "fid": {"label": "FID", "log": True, "order": False},
     "nll_bpd": {"label": "NLL (bits/dim)", "log": False, "order": False},
 }
-NOT_QUALITY_SUFFIXES = ("_nfe", "_note", "_s", "_seconds")
+NOT_QUALITY_SUFFIXES = ("_nfe", "_note", "_s", "_seconds", "_se", "_n_ref")   # bookkeeping, not quality
 
 
 def fit_order(nfe, err) -> float:

@@ -173,4 +173,4 @@ class TruncationError(Metric):
         n = self._n(ctx)
         err, nfe = strong_error(spec.fn, ctx.model, ctx.x_T[:n], ctx.t, ctx.cfg.get("seed", 0), range(n),
                                 self.knobs["refine"], ctx.knobs, ctx.dtype)
-        return {"trunc_rms": err, "trunc_ref_nfe": nfe}
+        return {"trunc_strong_rms": err, "trunc_ref_nfe": nfe}   # strong error: its own column, not the ODE error
