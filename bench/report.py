@@ -32,10 +32,19 @@ def fit_order(nfe, err) -> float:
         return float("nan")
 
 
+def _solver_defaults(name: str) -> dict:
+    """Knob defaults of a solver, from conf/solver/NAME.yaml."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "solver" / f"{name}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
 def solver_label(row) -> str:
-    """Solver name, plus its knobs and time steps where they differ from the defaults of the sweep."""
+    """Solver name, plus the knobs that differ from its conf/solver defaults."""
     knobs = json.loads(row["solver_knobs"]) if isinstance(row["solver_knobs"], str) else (row["solver_knobs"] or {})
-    extra = [f"{k}={v}" for k, v in sorted(knobs.items()) if not (k == "variable" and v == "sigma_hat")]
+    defaults = _solver_defaults(row["solver"])
+    extra = [f"{k}={v}" for k, v in sorted(knobs.items()) if defaults.get(k, object()) != v]
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -90,7 +99,7 @@ def plot_metric(df: pd.DataFrame, col: str, path: Path, model: str) -> dict:
     import matplotlib.pyplot as plt
 
     q = QUALITY.get(col, {"label": col, "log": False, "order": False})
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(8.4, 4.6))
     orders = {}
     for label, g in df[df["status"] == "ok"].groupby("label"):
         g = g.sort_values("nfe")
@@ -109,7 +118,7 @@ def plot_metric(df: pd.DataFrame, col: str, path: Path, model: str) -> dict:
     ax.set_ylabel(q["label"])
     ax.set_title(f"{model}: {q['label']} against NFE")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)   # outside the axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,7 +169,7 @@ def sample_grid(df: pd.DataFrame, results_dir, path: Path, model: str, n_show: i
             if i == 0:
                 ax.set_title(f"NFE {n}", fontsize=9)
             if j == 0:
-                ax.set_ylabel(lab, fontsize=8)
+                ax.set_ylabel(lab.replace(" (", "\n("), fontsize=7)
             x = cells.get((lab, n))
             if x is None:
                 continue
