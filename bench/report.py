@@ -21,7 +21,7 @@ QUALITY = {
     "fid": {"label": "FID", "log": True, "order": False},
     "nll_bpd": {"label": "NLL (bits/dim)", "log": False, "order": False},
 }
-NOT_QUALITY_SUFFIXES = ("_nfe", "_note", "_s", "_seconds", "_se", "_n_ref")   # bookkeeping, not quality
+NOT_QUALITY_SUFFIXES = ("_nfe", "_note", "_s", "_seconds", "_se", "_n_ref", "_n", "_real_test")   # bookkeeping, not quality
 
 
 def fit_order(nfe, err) -> float:

@@ -87,3 +87,19 @@ def test_inception_fid_from_local_weights_file_offline(tmp_path, monkeypatch):
     same = make_metric("fid", knobs).compute(make_ctx(model, model.real_data("train"), tmp_path))["fid"]
     noise = make_metric("fid", knobs).compute(make_ctx(model, torch.rand(24, 3, 8, 8) * 2 - 1, tmp_path))["fid"]
     assert math.isfinite(noise) and abs(same) < 1e-3 * noise
+
+
+def test_real_test_floor_is_the_fid_of_held_out_data_and_cached(tmp_path):
+    model, _ = tiny_image_model()
+    fnet = model.feature_net
+    samples = model.real_data("test")[:300] * 0.9
+    out = make_metric("fid", {"real_split": "train"}).compute(make_ctx(model, samples, tmp_path))
+    test = model.real_data("test")
+    with torch.no_grad():
+        hand = frechet_distance(*moments(fnet(model.real_data("train"))), *moments(fnet(test)))
+    assert out["fid_real_test"] == pytest.approx(hand, rel=1e-4, abs=1e-7)
+    assert out["fid_real_test_n"] == test.shape[0]
+    assert out["fid_real_test"] < out["fid"]                 # the real held-out data beat the shrunk 'samples'
+    before = cache.computed["fid_floor"]
+    make_metric("fid", {"real_split": "train"}).compute(make_ctx(model, samples, tmp_path))
+    assert cache.computed["fid_floor"] == before               # second call: the floor comes from disk

@@ -169,13 +169,25 @@ class FID(Metric):
                     ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}
 
         stats = cached(ctx.cfg.get("results_dir", "results"), "fid_ref", self._ref_key(ctx, ext_id), real_stats)
-        for k, v in stats.items():
-            setattr(fid, k, v.clone())
-        with torch.no_grad():
-            for i in range(0, ctx.samples.shape[0], bs):
-                fid.update(self._prep(ctx.model, ctx.samples[i:i + bs].cpu(), kind), real=False)
-            value = float(fid.compute())
-        return {"fid": value, "fid_n_ref": int(stats["real_features_num_samples"])}
+        def fid_of(x):
+            """FID of x against the cached real statistics (one module, its fake statistics reset per call)."""
+            fid.reset()
+            for k, v in stats.items():
+                setattr(fid, k, v.clone())
+            with torch.no_grad():
+                for i in range(0, x.shape[0], bs):
+                    fid.update(self._prep(ctx.model, x[i:i + bs].cpu(), kind), real=False)
+                return float(fid.compute())
+
+        out = {"fid": fid_of(ctx.samples), "fid_n_ref": int(stats["real_features_num_samples"])}
+        if self.knobs["real_split"] == "train":
+            # The floor: held-out real images scored like samples (a perfect sampler's FID at that count).
+            def floor():
+                x = ctx.model.real_data("test")
+                return {"fid_real_test": fid_of(x), "fid_real_test_n": int(x.shape[0])}
+            key = {**self._ref_key(ctx, ext_id), "floor": "real_test"}
+            out.update(cached(ctx.cfg.get("results_dir", "results"), "fid_floor", key, floor))
+        return out
 
     def _exact(self, ctx):
         gmm, n = ctx.model.data, int(ctx.samples.shape[0])
