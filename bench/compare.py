@@ -150,7 +150,7 @@ def cmd_baseline(args) -> int:
     for model in sweeps:
         if a.models and model not in a.models:
             continue
-        g = df[df["model"] == model]
+        g = df[df["model"] == model].sort_values("id").drop_duplicates("cell", keep="last")   # newest run per cell
         mets = sorted({k for m in g["metrics"].dropna() for k in json.loads(m)})
         g[[c for c in keep if c in g] + [c for c in mets if c in g]].to_csv(out / f"{model}.csv", index=False)
         print(f"wrote {out / f'{model}.csv'} ({len(g)} cells)")
