@@ -70,8 +70,9 @@ def problem(n_samples: int = 64, seed: int = 0):
     return model, x_T, ref
 
 
-def solve(model, solver, nfe, x_T, timesteps=None, **knobs):
-    """Run `solver` within an NFE budget; returns (x_0, counted NFE, steps)."""
+def solve(model, solver, nfe, x_T, timesteps=None, rng=None, **knobs):
+    """Run `solver` within an NFE budget on its default (or the given) time steps; returns (x_0, counted NFE, steps).
+    The one 'budget -> grid -> counted solve' path shared by the orders command and the solver tests."""
     from models.dynamics import Dynamics
     from solvers.registry import get_solver
     from solvers.timesteps import make_timesteps
@@ -80,7 +81,7 @@ def solve(model, solver, nfe, x_T, timesteps=None, **knobs):
     steps = spec.steps_for(nfe, **knobs)
     t = make_timesteps(timesteps or spec.default_timesteps, model.schedule, steps)
     dyn = Dynamics(model.net, model.schedule)
-    x0 = spec.fn(dyn, x_T, t, None, **knobs)
+    x0 = spec.fn(dyn, x_T, t, rng, **knobs)
     return x0, dyn.nfe, steps
 
 

@@ -43,16 +43,19 @@ def confident_fraction(model, x0, threshold: float = 0.9) -> tuple[float, list[i
 
 
 def save_grid(x0, path: Path, data_range=(-1, 1), ncol: int = 8):
+    """The first ncol^2 images as one mosaic (bench.report.mosaic: the report's sample grids look the same)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    imgs = x0[:ncol * ncol, 0].clamp(*data_range).cpu().numpy()
-    fig, axes = plt.subplots(ncol, ncol, figsize=(ncol, ncol))
-    for ax, img in zip(axes.flat, imgs):
-        ax.imshow(img, cmap="gray_r", vmin=data_range[0], vmax=data_range[1], interpolation="nearest")
-        ax.axis("off")
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0, right=1, top=1, bottom=0)
+    from bench.report import mosaic
+
+    lo, hi = data_range
+    imgs = (2 * (x0[:ncol * ncol].clamp(lo, hi) - lo) / (hi - lo) - 1).cpu().numpy()   # to [-1, 1]
+    fig, ax = plt.subplots(figsize=(ncol, ncol))
+    ax.imshow(mosaic(imgs), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    fig.subplots_adjust(left=0, right=1, top=1, bottom=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=60)
     plt.close(fig)

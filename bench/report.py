@@ -179,7 +179,7 @@ def sample_grid(df: pd.DataFrame, results_dir, path: Path, model: str, n_show: i
                 ax.set_xlim(lo[0], hi[0])
                 ax.set_ylim(lo[1], hi[1])
             else:
-                ax.imshow(mosaic(x), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+                ax.imshow(mosaic(x), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")   # dark ink, as the data
     fig.suptitle(f"{model}: samples by solver and NFE", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,8 +1,8 @@
-import numpy as np
 import pytest
 import torch
 
-from bench.metrics.trunc import reference_solve, rms
+from bench.metrics.trunc import fit_order, reference_solve, rms
+from bench.orders import solve
 from models.dynamics import Dynamics
 from models.errors import ConfigError
 from solvers.registry import get_solver
@@ -20,12 +20,7 @@ def problem(gmm_model):
 
 
 def run_solver(model, name, nfe, x_T, timesteps="edm", **knobs):
-    spec = get_solver(name)
-    steps = spec.steps_for(nfe, **knobs)
-    t = make_timesteps(timesteps, model.schedule, steps)
-    dyn = Dynamics(model.net, model.schedule)
-    x0 = spec.fn(dyn, x_T, t, None, **knobs)
-    return x0, dyn.nfe, steps
+    return solve(model, name, nfe, x_T, timesteps, **knobs)
 
 
 def fitted_order(model, name, budgets, x_T, ref, **kw):
@@ -34,7 +29,7 @@ def fitted_order(model, name, budgets, x_T, ref, **kw):
         x0, nfe, _ = run_solver(model, name, b, x_T, **kw)
         errs.append(rms(x0, ref))
         nfes.append(nfe)
-    return -np.polyfit(np.log(nfes), np.log(errs), 1)[0], errs
+    return fit_order(nfes, errs)[0], errs
 
 
 @pytest.mark.parametrize("name,budgets,order", [

@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bench.orders import solve
 from bench.run import generate
 from models.dynamics import Dynamics
 from models.errors import ConfigError
@@ -32,12 +33,7 @@ class BatchRNG:
 
 
 def sample(model, name, nfe, x_T, rng, timesteps=None, **knobs):
-    spec = get_solver(name)
-    steps = spec.steps_for(nfe, **knobs)
-    t = make_timesteps(timesteps or spec.default_timesteps, model.schedule, steps)
-    dyn = Dynamics(model.net, model.schedule)
-    x0 = spec.fn(dyn, x_T, t, rng, **knobs)
-    return x0, dyn.nfe, steps
+    return solve(model, name, nfe, x_T, timesteps, rng=rng, **knobs)
 
 
 # --- moments against the exact data distribution ---------------------------------------------------------------
