@@ -8,9 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from bench import CONF_DIR as CONF
 GROUPS = ("model", "solver", "timesteps", "metric_cfg")
-USAGE = """usage: python -m bench COMMAND [overrides]
+PROG = "python -m bench run"   # argv[0] Hydra sees; "bench" from the console script (shell completion needs it)
+USAGE = """usage: python -m bench COMMAND [overrides]     (or: bench COMMAND [overrides])
 
 commands:
   run       run one benchmark cell (or a sweep with -m), e.g.  python -m bench run solver=heun nfe=18
@@ -21,11 +22,47 @@ commands:
   export    write the results store to CSV and Parquet
   merge     copy rows of other results stores (e.g. per-node ones) into this one:  python -m bench merge DIR...
   overhead  solver overhead: wall time / (counted NFE x one network forward)
+
+shell completion (bash, zsh, fish):  eval "$(bench -sc install=bash)"
 """
+
+
+def searchpath_dirs(args) -> list[Path]:
+    """Config directories a user adds with hydra.searchpath=[file://DIR, pkg://package.conf] (Hydra's convention)."""
+    dirs = []
+    for a in args:
+        key, _, val = a.partition("=")
+        if key.lstrip("+") != "hydra.searchpath":
+            continue
+        for item in val.strip().strip("[]").split(","):
+            item = item.strip().strip("'\"")
+            if item.startswith("file://"):
+                dirs.append(Path(item[len("file://"):]).expanduser())
+            elif item.startswith("pkg://"):
+                import importlib.util
+                spec = importlib.util.find_spec(item[len("pkg://"):].replace("/", "."))
+                if spec and spec.submodule_search_locations:
+                    dirs.extend(Path(p) for p in spec.submodule_search_locations)
+            elif item:
+                dirs.append(Path(item).expanduser())
+    return dirs
+
+
+def group_choices(group: str, args=()) -> list[str]:
+    """Names valid for a config group: YAML files in conf/GROUP/ and in the user's search path, plus solvers
+    registered by installed plugin packages (entry points)."""
+    names = {p.stem for d in [CONF, *searchpath_dirs(args)] for p in (d / group).glob("*.yaml")}
+    if group == "solver":
+        from bench.plugins import plugin_solver_names
+        names |= set(plugin_solver_names())
+    return sorted(names)
 
 
 def check_group_choices(args) -> str | None:
     """Names chosen for config groups (model=, solver=, ...) must exist; returns an error message or None."""
+    for d in searchpath_dirs(args):
+        if not d.is_dir():
+            return f"hydra.searchpath names '{d}', which is not a directory."
     for a in args:
         if "=" not in a or a.startswith(("+", "~", "hydra")):
             continue
@@ -33,14 +70,15 @@ def check_group_choices(args) -> str | None:
         key = key.removeprefix("override ").strip()
         if key not in GROUPS:
             continue
-        valid = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+        valid = group_choices(key, args)
         val = val.strip()
         for choice in val.removeprefix("choice(").removesuffix(")").split(","):
             choice = choice.strip()
             if choice and choice not in valid:
                 kind = {"timesteps": "time-step schedule", "metric_cfg": "metric config"}.get(key, key)
                 return (f"Unknown {kind} '{choice}'. Valid {kind} names are: {', '.join(valid)}. "
-                        f"Each is a file in conf/{key}/.")
+                        f"Each is a file in conf/{key}/ (or in a directory added with "
+                        f"hydra.searchpath=[file://DIR], as DIR/{key}/NAME.yaml).")
     return None
 
 
@@ -50,33 +88,80 @@ def cmd_run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from bench.app import main
+    from bench.plugins import store_plugin_configs
 
-    sys.argv = ["python -m bench run", *args]
+    store_plugin_configs()
+    sys.argv = [PROG, *args]
     main()
     return 0
 
 
-def _lazy(module, name):
+def shell_completion(args) -> int:
+    """`bench -sc install=bash` prints Hydra's completion script for the console script; the script then calls
+    `bench -sc query=bash` with COMP_LINE set, answered here: command names, or Hydra's answer for `run`."""
+    import os
+    line = os.environ.get("COMP_LINE", "")
+    if any(a.startswith("query") for a in args):
+        words = line.split()
+        if len(words) <= 1 or (len(words) == 2 and not line.endswith(" ")):
+            print(" ".join(COMMANDS))
+            return 0
+        if words[1] != "run":
+            return 0
+        os.environ["COMP_LINE"] = "bench " + line.split(None, 2)[2] if len(words) > 2 or line.endswith(" ") else "bench "
+    from bench.app import main
+    from bench.plugins import store_plugin_configs
+
+    store_plugin_configs()
+    sys.argv = ["bench", "-sc", *args]
+    try:
+        main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def key_value_args(args) -> list[str]:
+    """One command-line style: `results_dir=DIR tol_fid=0.2` as `run` takes them, for the argparse commands too
+    (same as --results-dir DIR --tol-fid 0.2)."""
+    import re
+    out = []
+    for a in args:
+        m = re.fullmatch(r"([a-z][a-z0-9_]*)=(.*)", a, flags=re.S)
+        if m and not a.startswith("-"):
+            flag, val = f"--{m.group(1).replace('_', '-')}", m.group(2)
+            if val.lower() in ("true", "false"):            # switches: require_match=true
+                out += [flag] if val.lower() == "true" else []
+            else:
+                out += [flag, val]
+        else:
+            out.append(a)
+    return out
+
+
+def _lazy(module, name, key_value=False):
     def cmd(args):
         import importlib
-        return getattr(importlib.import_module(module), name)(args)
+        return getattr(importlib.import_module(module), name)(key_value_args(args) if key_value else args)
     return cmd
 
 
 COMMANDS = {
     "run": cmd_run,
     "orders": _lazy("bench.orders", "main"),
-    "report": _lazy("bench.compare", "cmd_report"),
-    "compare": _lazy("bench.compare", "cmd_compare"),
-    "baseline": _lazy("bench.compare", "cmd_baseline"),
-    "export": _lazy("bench.compare", "cmd_export"),
-    "merge": _lazy("bench.compare", "cmd_merge"),
+    "report": _lazy("bench.compare", "cmd_report", key_value=True),
+    "compare": _lazy("bench.compare", "cmd_compare", key_value=True),
+    "baseline": _lazy("bench.compare", "cmd_baseline", key_value=True),
+    "export": _lazy("bench.compare", "cmd_export", key_value=True),
+    "merge": _lazy("bench.compare", "cmd_merge", key_value=True),
     "overhead": _lazy("bench.overhead", "main"),
 }
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-sc", "--shell-completion"):
+        return shell_completion(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -85,6 +170,13 @@ def main(argv=None) -> int:
         print(f"error: unknown command '{cmd}'. Valid commands are: {', '.join(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
         return 2
     return COMMANDS[cmd](rest)
+
+
+def cli() -> None:
+    """Console script `bench` (pyproject [project.scripts]): the same commands as `python -m bench`."""
+    global PROG
+    PROG = "bench"
+    sys.exit(main())
 
 
 if __name__ == "__main__":

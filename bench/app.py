@@ -9,10 +9,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from models.errors import ConfigError
+from bench import CONF_DIR as _CONF
+from bench.models.errors import ConfigError
 
 log = logging.getLogger("bench")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(_CONF)
 OUTCOME = "outcome.json"   # each job's outcome, read by bench.sweep.SweepSummary at the end of a multirun
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from bench import store
+from bench import CONF_DIR, REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-BASELINE_DIR = REPO / "results" / "baseline"
+BASELINE_DIR = (REPO_ROOT / "results" / "baseline") if REPO_ROOT else Path("results") / "baseline"
 
 
 def rule(col: str):
@@ -39,7 +39,7 @@ def read_baseline(path) -> pd.DataFrame:
     p = Path(path)
     files = sorted(p.glob("*.csv")) if p.is_dir() else [p]
     if not files or not all(f.exists() for f in files):
-        from models.errors import ConfigError
+        from bench.models.errors import ConfigError
         raise ConfigError(f"No baseline CSV at '{path}'. Give a CSV written by `python -m bench export` "
                           f"or a directory of them (e.g. results/baseline).")
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
@@ -92,7 +92,7 @@ def cmd_compare(args) -> int:
     ap.add_argument("--tol-err", type=float, default=1.5, help="largest allowed error ratio (current / baseline)")
     ap.add_argument("--require-match", action="store_true", help="fail when no cell is in both")
     a = ap.parse_args(args)
-    from models.errors import ConfigError
+    from bench.models.errors import ConfigError
     try:
         base = read_baseline(a.baseline)
     except ConfigError as e:
@@ -116,7 +116,7 @@ def cmd_compare(args) -> int:
 
 def baseline_sweeps() -> dict:
     from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "baseline.yaml"), resolve=True)["sweeps"]
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "baseline.yaml"), resolve=True)["sweeps"]
 
 
 def cmd_baseline(args) -> int:
@@ -130,14 +130,16 @@ def cmd_baseline(args) -> int:
     ap.add_argument("--models", nargs="*", help="only these models of conf/baseline.yaml")
     a = ap.parse_args(args)
     sweeps = baseline_sweeps()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = dict(os.environ)
+    if REPO_ROOT:   # a checkout run without installing: the child finds the same bench
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
     for model, overrides in sweeps.items():
         if a.models and model not in a.models:
             continue
         cmd = [sys.executable, "-m", "bench", "run", "-m", f"model={model}", *overrides,
                f"results_dir={a.results_dir}", "progress=false"]
         print("+", " ".join(cmd[1:]), flush=True)
-        r = subprocess.run(cmd, cwd=REPO, env=env)
+        r = subprocess.run(cmd, env=env)
         if r.returncode:
             return r.returncode
     if a.no_write:
@@ -165,7 +167,7 @@ def cmd_export(args) -> int:
     ap.add_argument("--format", default="csv,parquet", help="csv, parquet or both (comma-separated)")
     ap.add_argument("--out", default=None, help="output path without extension (default results_dir/runs)")
     a = ap.parse_args(args)
-    from models.errors import ConfigError
+    from bench.models.errors import ConfigError
     try:
         for fmt in a.format.split(","):
             path = (a.out + "." + fmt) if a.out else None

@@ -10,6 +10,7 @@ against rtol = atol = 1e-13).  The tests
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ class Case:
     knobs: dict = field(default_factory=dict)
     budgets: tuple = tuple(P2)
     timesteps: str | None = None        # None: the solver's default schedule
+    fn: str | None = None               # 'package.module:function' of a solver defined by its YAML (a user's sampler)
+    meta: tuple = ()                    # that YAML's nfe, order, min_steps, ... as (key, value) pairs
 
 
 CASES = [
@@ -60,8 +63,8 @@ CASES = [
 def problem(n_samples: int = 64, seed: int = 0):
     """The gmm model, x_T (float64, per-sample RNG) and the reference x_0."""
     from bench.metrics.trunc import reference_solve
-    from models.registry import load_model
-    from solvers.rng import PerSampleRNG
+    from bench.models.registry import load_model
+    from bench.solvers.rng import PerSampleRNG
 
     model = load_model({"name": "gmm", "schedule": {"name": "vp_linear"}})
     x_T = PerSampleRNG(seed, range(n_samples), dtype=torch.float64).randn(model.shape) * model.schedule.prior_std()
@@ -70,14 +73,13 @@ def problem(n_samples: int = 64, seed: int = 0):
     return model, x_T, ref
 
 
-def solve(model, solver, nfe, x_T, timesteps=None, rng=None, **knobs):
+def solve(model, solver, nfe, x_T, timesteps=None, rng=None, fn=None, meta=(), **knobs):
     """Run `solver` within an NFE budget on its default (or the given) time steps; returns (x_0, counted NFE, steps).
     The one 'budget -> grid -> counted solve' path shared by the orders command and the solver tests."""
-    from models.dynamics import Dynamics
-    from solvers.registry import get_solver
-    from solvers.timesteps import make_timesteps
+    from bench.models.dynamics import Dynamics
+    from bench.solvers.timesteps import make_timesteps
 
-    spec = get_solver(solver)
+    spec = solver_spec(solver, knobs, fn, meta)
     steps = spec.steps_for(nfe, **knobs)
     t = make_timesteps(timesteps or spec.default_timesteps, model.schedule, steps)
     dyn = Dynamics(model.net, model.schedule)
@@ -85,21 +87,51 @@ def solve(model, solver, nfe, x_T, timesteps=None, rng=None, **knobs):
     return x0, dyn.nfe, steps
 
 
+def solver_spec(solver, knobs, fn=None, meta=()):
+    """The spec of a built-in or plugin solver by name, or of one defined by its YAML (`fn` given)."""
+    from bench.solvers.registry import solver_from_cfg
+
+    node = {"name": solver, **knobs}
+    if fn:
+        node.update(fn=fn, **dict(meta))
+    return solver_from_cfg(node)[0]
+
+
+def user_cases(names, searchpath=()) -> list[Case]:
+    """Cases for solvers without a built-in case (a user's YAML on the search path, or a plugin), with their YAML
+    defaults as knobs and budgets of 16, 32, 64 and 128 steps."""
+    from bench.api import config
+    from bench.solvers.registry import SPEC_KEYS
+
+    cases = []
+    for name in names:
+        node = config(searchpath=searchpath, solver=name)["solver"]
+        knobs = {k: v for k, v in node.items() if k not in SPEC_KEYS}
+        meta = tuple((k, node[k]) for k in SPEC_KEYS if k not in ("name", "fn") and node.get(k) is not None)
+        spec = solver_spec(name, dict(knobs), node.get("fn"), meta)
+        if spec.stochastic:
+            continue
+        budgets = tuple(spec.nfe_of_steps(n, **knobs) for n in (16, 32, 64, 128))
+        label = name + "".join(f" {k}={v}" for k, v in knobs.items())
+        cases.append(Case(label, name, knobs, budgets, fn=node.get("fn"), meta=meta))
+    return cases
+
+
 def measure(case: Case, model, x_T, ref):
     """(fitted order, counted NFEs, RMS errors) of one case."""
     from bench.metrics.trunc import fit_order, rms
 
     nfes, errs = [], []
+    extra = {"fn": case.fn, "meta": case.meta} if case.fn else {}
     for b in case.budgets:
-        x0, nfe, _ = solve(model, case.solver, b, x_T, case.timesteps, **case.knobs)
+        x0, nfe, _ = solve(model, case.solver, b, x_T, case.timesteps, **case.knobs, **extra)
         nfes.append(nfe)
         errs.append(rms(x0, ref))
     return fit_order(nfes, errs)[0], nfes, errs
 
 
 def theory(case: Case):
-    from solvers.registry import get_solver
-    return get_solver(case.solver).theoretical_order(**case.knobs)
+    return solver_spec(case.solver, dict(case.knobs), case.fn, case.meta).theoretical_order(**case.knobs)
 
 
 def main(argv=None) -> int:
@@ -111,12 +143,28 @@ def main(argv=None) -> int:
                     help="16 samples and the two largest budgets of each case only (a rough check in seconds)")
     ap.add_argument("--only", metavar="SOLVER", action="append",
                     help="restrict to this solver name (repeatable), e.g. --only unipc")
+    ap.add_argument("--searchpath", metavar="DIR", action="append", default=[],
+                    help="a config directory with solver/NAME.yaml of your own solvers (Hydra's searchpath; also "
+                         "accepted as hydra.searchpath=[file://DIR])")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from bench.__main__ import searchpath_dirs
+    sp_args = [a for a in argv if a.lstrip("+").startswith("hydra.searchpath=")]
+    argv = [a for a in argv if a not in sp_args]
     args = ap.parse_args(argv)
     if args.samples < 1:
         ap.error("--samples must be positive")
-    cases = [c for c in CASES if not args.only or c.solver in args.only]
+    searchpath = [*args.searchpath, *map(str, searchpath_dirs(sp_args))]
+    from bench.models.errors import ConfigError
+    known = {c.solver for c in CASES}
+    try:
+        cases = [c for c in CASES if not args.only or c.solver in args.only]
+        cases += user_cases([s for s in dict.fromkeys(args.only or []) if s not in known], searchpath)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not cases:
-        ap.error(f"--only matched no solver; solvers with cases: {', '.join(sorted({c.solver for c in CASES}))}")
+        ap.error(f"--only matched no deterministic solver; built-in cases: {', '.join(sorted(known))}; "
+                 f"your own solvers: give their name and --searchpath DIR")
     n = 16 if args.quick else args.samples
     torch.set_default_dtype(torch.float64)
     model, x_T, ref = problem(n, args.seed)
@@ -127,7 +175,7 @@ def main(argv=None) -> int:
     worst = 0.0
     for c in cases:
         if args.quick:
-            c = Case(c.label, c.solver, c.knobs, c.budgets[-2:], c.timesteps)
+            c = Case(c.label, c.solver, c.knobs, c.budgets[-2:], c.timesteps, c.fn, c.meta)
         t0 = time.perf_counter()
         p, nfes, errs = measure(c, model, x_T, ref)
         th = theory(c)

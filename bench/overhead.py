@@ -10,8 +10,8 @@ import time
 import torch
 
 from bench.run import DTYPES, plan, resolve_device
-from models.dynamics import Dynamics
-from solvers.rng import PerSampleRNG
+from bench.models.dynamics import Dynamics
+from bench.solvers.rng import PerSampleRNG
 
 
 def median_time(fn, repeat: int) -> float:

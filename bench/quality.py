@@ -14,20 +14,20 @@ import torch
 import yaml
 
 from bench.run import generate, resolve_device
-from models.registry import load_model
-from solvers.registry import get_solver
-from solvers.timesteps import make_timesteps
+from bench.models.registry import load_model
+from bench.solvers.registry import get_solver
+from bench.solvers.timesteps import make_timesteps
+from bench import CONF_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample(model_name: str, solver: str, nfe: int, n: int, seed: int = 0, batch_size: int = 500, device="cpu"):
-    import solvers.all  # noqa: F401
+    import bench.solvers.all  # noqa: F401
 
-    with open(ROOT / "conf" / "model" / f"{model_name}.yaml") as f:
+    with open(CONF_DIR / "model" / f"{model_name}.yaml") as f:
         model = load_model(yaml.safe_load(f))
     spec = get_solver(solver)
-    with open(ROOT / "conf" / "solver" / f"{solver}.yaml") as f:
+    with open(CONF_DIR / "solver" / f"{solver}.yaml") as f:
         knobs = {k: v for k, v in yaml.safe_load(f).items() if k != "name"}
     t = make_timesteps(spec.default_timesteps, model.schedule, spec.steps_for(nfe, **knobs))
     _, x0, nfes, secs = generate(model, spec, knobs, t, n, batch_size, seed, resolve_device(device), torch.float32)
@@ -80,7 +80,7 @@ def save_scatter(x0, real, path: Path, title: str):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and "=" not in argv[0] else "digits"
-    with open(ROOT / "conf" / "quality.yaml") as f:
+    with open(CONF_DIR / "quality.yaml") as f:
         cfg = yaml.safe_load(f)[name]
     cfg.update({k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in argv if "=" in a)})
     model, x0, nfe, secs = sample(name, cfg["solver"], cfg["nfe"], cfg["n_samples"], cfg["seed"])

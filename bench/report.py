@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench import store
 from bench.metrics.trunc import fit_order as trunc_fit_order
+from bench import CONF_DIR
 
 # How each known quality column is shown; any other numeric metric column gets a linear plot.
 #   log: log-log axes;  order: fit and show the convergence order (error columns)
@@ -36,7 +37,7 @@ def _solver_defaults(name: str) -> dict:
     """Knob defaults of a solver, from conf/solver/NAME.yaml."""
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "conf" / "solver" / f"{name}.yaml"
+    path = CONF_DIR / "solver" / f"{name}.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 

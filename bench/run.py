@@ -15,27 +15,31 @@ import torch
 
 from bench import store
 from bench.metrics import MetricContext, make_metric
-from models.dynamics import Dynamics
-from models.errors import ConfigError
-from models.netio import compile_model
-from models.registry import load_model
-from solvers.registry import get_solver
-from solvers.rng import PerSampleRNG
-from solvers.timesteps import fixed_points, make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.models.errors import ConfigError
+from bench.models.netio import compile_model
+from bench.models.registry import load_model
+from bench.solvers.registry import solver_from_cfg
+from bench.solvers.rng import PerSampleRNG
+from bench.solvers.timesteps import fixed_points, make_timesteps
+from bench import CONF_DIR, REPO_ROOT
 
 log = logging.getLogger("bench")
-REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """Git commit of the code; with uncommitted changes to tracked files, '-dirty-' and a hash of the diff,
-    so that editing the code changes the cell keys (and a rerun does not skip stale cells)."""
+    so that editing the code changes the cell keys (and a rerun does not skip stale cells).  Installed from a
+    wheel (no checkout), 'v' + the package version."""
+    if REPO_ROOT is None or not (REPO_ROOT / ".git").exists():
+        from bench import __version__
+        return f"v{__version__}"
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, timeout=30).stdout
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO_ROOT, capture_output=True, timeout=30).stdout
         if not rev:
             return "unknown"
         return rev + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff.strip() else "")
@@ -53,27 +57,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _split_knobs(node: dict, reserved=("name",)) -> dict:
-    return {k: v for k, v in node.items() if k not in reserved}
-
-
 CELL_FIELDS = ("model", "model_cfg", "solver", "solver_knobs", "timesteps", "timesteps_cfg", "nfe_budget", "seed",
                "n_samples", "dtype", "metric_protocol")
+OPTIONAL_FIELDS = ("solver_source",)   # only in the identity of cells that have them (keys of other cells unchanged)
 
 
 def cell_identity(cfg: dict) -> dict:
     """What determines a cell's numbers, from the config alone (so a rerun can skip before any work):
     model and its config, solver and knobs, time steps, NFE budget, seed, sample count, dtype, and the metric
     protocol (the metrics chosen with their knobs), plus the code version.  Raises ConfigError on bad names."""
-    spec = get_solver(cfg["solver"]["name"])
+    spec, knobs = solver_from_cfg(cfg["solver"])
     ts_cfg = dict(cfg["timesteps"])
     ts_name = ts_cfg.pop("name")
     if ts_name == "auto":
         ts_name, ts_cfg = spec.default_timesteps, {}
     metric_cfg = cfg.get("metric_cfg") or {}
+    extra = {}
+    if spec.source:       # a solver defined outside this package: its function and declared NFE are part of the cell
+        extra["solver_source"] = {"fn": spec.source, "nfe": spec.nfe_formula}
     return {
+        **extra,
         "model": cfg["model"].get("name"), "model_cfg": cfg["model"], "solver": spec.name,
-        "solver_knobs": _split_knobs(cfg["solver"]), "timesteps": ts_name, "timesteps_cfg": ts_cfg,
+        "solver_knobs": knobs, "timesteps": ts_name, "timesteps_cfg": ts_cfg,
         "nfe_budget": cfg["nfe"], "seed": cfg["seed"], "n_samples": cfg["n_samples"], "dtype": cfg["dtype"],
         "metric_protocol": {m: metric_cfg.get(m) for m in sorted(cfg["metrics"] or [])},
         "code_version": code_version(),
@@ -86,12 +91,32 @@ def _digest(obj) -> str:
 
 def cell_key(ident: dict) -> str:
     """Key of a cell: hash of its whole identity (code version included)."""
-    return _digest({k: ident[k] for k in (*CELL_FIELDS, "code_version")})
+    return _digest({k: ident[k] for k in (*CELL_FIELDS, *OPTIONAL_FIELDS, "code_version") if k in ident})
 
 
 def cell_id(ident: dict) -> str:
     """The cell without its code version: what `bench compare` matches across versions."""
-    return _digest({k: ident[k] for k in CELL_FIELDS})
+    return _digest({k: ident[k] for k in (*CELL_FIELDS, *OPTIONAL_FIELDS) if k in ident})
+
+
+def check_top(cfg: dict) -> None:
+    """The top-level knobs of conf/config.yaml, checked before anything else."""
+    if cfg.get("dtype") not in DTYPES:
+        raise ConfigError(f"Unknown dtype '{cfg.get('dtype')}'. Valid dtypes are: {', '.join(DTYPES)}.")
+    for k in ("n_samples", "batch_size", "nfe"):
+        v = cfg.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{k} must be a positive integer, got {v!r}")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be an integer in 0 .. 2**63 - 1 (sample i uses the generator (seed, i)), "
+                          f"got {seed!r}")
+    for k in ("force", "progress"):
+        if not isinstance(cfg.get(k, False), bool):
+            raise ConfigError(f"{k} must be true or false, got {cfg.get(k)!r}")
+    m = cfg.get("metrics")
+    if m is not None and (not isinstance(m, list) or not all(isinstance(x, str) for x in m)):
+        raise ConfigError(f"metrics must be a list of metric names, e.g. 'metrics=[trunc,fid]', got {m!r}")
 
 
 def plan(cfg: dict):
@@ -101,8 +126,7 @@ def plan(cfg: dict):
     for k in ("n_samples", "batch_size"):
         if not isinstance(cfg[k], int) or cfg[k] < 1:
             raise ConfigError(f"{k} must be a positive integer, got {cfg[k]!r}")
-    spec = get_solver(cfg["solver"]["name"])
-    knobs = _split_knobs(cfg["solver"])
+    spec, knobs = solver_from_cfg(cfg["solver"])
     metrics_list = list(cfg["metrics"] or [])
     metrics = [make_metric(m, (cfg.get("metric_cfg") or {}).get(m)) for m in metrics_list]
     steps = spec.steps_for(cfg["nfe"], **knobs)
@@ -263,6 +287,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     ConfigError before any work and records nothing; NaN/Inf in the samples records status 'diverged' with the
     step; any other error records status 'failed' with the message."""
     t_start = time.perf_counter()
+    check_top(cfg)
     force = bool(cfg.get("force", False)) if force is None else force
     ident = cell_identity(cfg)
     key = cell_key(ident)
@@ -298,6 +323,11 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         if len(set(nfes)) != 1:
             raise RuntimeError(f"solver '{spec.name}' spent different NFE on different batches: {nfes}")
         nfe = nfes[0]
+        declared = spec.nfe_of_steps(steps, **knobs)
+        if nfe > declared:
+            raise RuntimeError(f"solver '{spec.name}' evaluated the network {nfe} times, more than the {declared} "
+                               f"it declares for {steps} steps (NFE = {spec.nfe_formula}); fix its nfe formula "
+                               f"or the function")
         if nfe > cfg["nfe"]:
             raise RuntimeError(f"solver '{spec.name}' spent {nfe} NFE, over its budget of {cfg['nfe']}")
         row.update(nfe=nfe, sampling_time_s=sampling_time)
@@ -338,7 +368,7 @@ def default_model() -> str | None:
     """The model named in conf/config.yaml's defaults list."""
     import yaml
 
-    with open(REPO / "conf" / "config.yaml") as f:
+    with open(CONF_DIR / "config.yaml") as f:
         return next((d["model"] for d in yaml.safe_load(f)["defaults"] if isinstance(d, dict) and "model" in d), None)
 
 

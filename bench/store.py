@@ -164,7 +164,7 @@ def load_runs(results_dir, expand_metrics: bool = True) -> pd.DataFrame:
 def export(results_dir, path=None, fmt: str = "csv") -> Path:
     """Write every run to CSV or Parquet (metric columns expanded); written to a temp file, then renamed."""
     if fmt not in ("csv", "parquet"):
-        from models.errors import ConfigError
+        from bench.models.errors import ConfigError
         raise ConfigError(f"Unknown export format '{fmt}'. Valid formats are: csv, parquet.")
     path = Path(path) if path else Path(results_dir) / f"runs.{fmt}"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Import every model loader module so that each registers itself (one line per model family)."""
-import models.registry  # noqa: F401  (gmm)
-import models.shipped  # noqa: F401  (digits, toy2d)
-import models.hf_ddpm  # noqa: F401  (diffusers DDPM checkpoints; diffusers is imported only when used)
-import models.custom  # noqa: F401  (a user's eps-network by import path)
+import bench.models.registry  # noqa: F401  (gmm)
+import bench.models.shipped  # noqa: F401  (digits, toy2d)
+import bench.models.hf_ddpm  # noqa: F401  (diffusers DDPM checkpoints; diffusers is imported only when used)
+import bench.models.custom  # noqa: F401  (a user's eps-network by import path)

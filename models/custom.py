@@ -8,32 +8,23 @@ time_input is what the network was trained on (conf/model/custom.yaml, key time_
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
-from models.errors import ConfigError
-from models.netio import EpsAdapter, check_output_shape, load_state, read_checkpoint, resolve_path
-from models.registry import LoadedModel, register_model, schedule_from_cfg
-from models.schedules import VPDiscrete
+from bench.models.errors import ConfigError
+from bench.models.imports import import_object
+from bench.models.netio import EpsAdapter, check_output_shape, load_state, read_checkpoint, resolve_path
+from bench.models.registry import LoadedModel, register_model, schedule_from_cfg
+from bench.models.schedules import VPDiscrete
 
 TIME_INPUTS = ("t", "step", "sigma")
 
 
 def import_factory(path: str):
     """'pkg.mod:fn' or 'pkg.mod.fn' -> the callable; a ConfigError naming what could not be found."""
-    if not path or not isinstance(path, str):
-        raise ConfigError("model=custom needs 'factory': the import path of a function returning an nn.Module, "
-                          "e.g. my_pkg.nets:make_eps_net")
-    mod_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"model=custom: cannot import module '{mod_name}' of factory '{path}' ({e}).") from None
-    fn = getattr(mod, attr, None)
+    fn = import_object(path, "model=custom: factory", "my_pkg.nets:make_eps_net")
     if not callable(fn):
-        raise ConfigError(f"model=custom: module '{mod_name}' has no callable '{attr}' (factory '{path}').")
+        raise ConfigError(f"model=custom: factory '{path}' is not callable.")
     return fn
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.errors import ConfigError
+from bench.models.errors import ConfigError
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.errors import ConfigError
+from bench.models.errors import ConfigError
 
 
 class GaussianMixture:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.errors import ConfigError
-from models.netio import EpsAdapter, check_output_shape
-from models.registry import LoadedModel, register_model
-from models.schedules import VPDiscrete
+from bench.models.errors import ConfigError
+from bench.models.netio import EpsAdapter, check_output_shape
+from bench.models.registry import LoadedModel, register_model
+from bench.models.schedules import VPDiscrete
 
 SCHEDULER_FILE = "scheduler_config.json"
 

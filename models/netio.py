@@ -7,18 +7,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.errors import ConfigError
+from bench.models.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import PACKAGE_ROOT as ROOT  # noqa: E402  (repository root in a checkout, bench/ in a wheel)
 log = logging.getLogger("models")
 
 
 def resolve_path(path, what: str) -> Path:
-    """Absolute path of a file named in a config (relative paths are relative to the repository root)."""
+    """Absolute path of a file named in a config: a relative path is taken from the working directory if the file
+    is there, else from the package root (where the shipped `models/weights/...` live, in a checkout or a wheel)."""
     if not path:
         raise ConfigError(f"{what}: no file given; set it in the model's YAML (conf/model/).")
     p = Path(path).expanduser()
-    return p if p.is_absolute() else ROOT / p
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return ROOT / p
 
 
 def read_checkpoint(path, what: str, hint: str = "") -> dict:

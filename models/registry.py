@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from models.errors import ConfigError, unknown_name
-from models.schedules import NoiseSchedule, make_schedule
+from bench.models.errors import ConfigError, unknown_name
+from bench.models.schedules import NoiseSchedule, make_schedule
 
 
 @dataclass
@@ -27,6 +27,7 @@ class LoadedModel:
     dataset_id: str | None = None # names the data set in cache keys of reference statistics
     data_range: tuple | None = None   # (lo, hi) of model-space data, e.g. (-1, 1) for images
     n_levels: int | None = None   # quantisation levels of the raw data (256 for 8-bit, 17 for digits)
+    cfg: dict | None = None       # the config it was loaded from (set by load_model)
 
 
 MODELS: dict[str, Callable[[dict], LoadedModel]] = {}
@@ -48,7 +49,7 @@ def schedule_from_cfg(cfg: dict) -> NoiseSchedule:
 
 
 def load_model(cfg: dict) -> LoadedModel:
-    import models.all  # noqa: F401  (registers every loader)
+    import bench.models.all  # noqa: F401  (registers every loader)
 
     name = cfg.get("name")
     if name not in MODELS:
@@ -56,12 +57,14 @@ def load_model(cfg: dict) -> LoadedModel:
     key = json.dumps(cfg, sort_keys=True, default=str)
     if key not in _CACHE:
         _CACHE[key] = MODELS[name](cfg)
+        if _CACHE[key].cfg is None:
+            _CACHE[key].cfg = dict(cfg)
     return _CACHE[key]
 
 
 @register_model("gmm")
 def _load_gmm(cfg: dict) -> LoadedModel:
-    from models.gmm import GaussianMixture, GMMEps
+    from bench.models.gmm import GaussianMixture, GMMEps
 
     schedule = schedule_from_cfg(cfg)
     if cfg.get("means") is not None:

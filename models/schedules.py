@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from models.errors import ConfigError, unknown_name
+from bench.models.errors import ConfigError, unknown_name
 
 Tensorish = torch.Tensor | float
 

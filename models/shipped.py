@@ -4,16 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import datasets
-from models.errors import ConfigError
-from models.netio import EpsAdapter, check_output_shape, load_state, read_checkpoint, resolve_path
-from models.registry import LoadedModel, register_model, schedule_from_cfg
-from models.unet import ARCHS
+from bench.models import datasets
+from bench.models.errors import ConfigError
+from bench.models.netio import EpsAdapter, check_output_shape, load_state, read_checkpoint, resolve_path
+from bench.models.registry import LoadedModel, register_model, schedule_from_cfg
+from bench.models.unet import ARCHS
 
 
 def load_trained(path, what: str, expect_arch: str, expect_dataset: str) -> tuple[nn.Module, dict]:
     """Rebuild a network saved by models/train.py and load its weights; returns (net, training record)."""
-    hint = f"Recreate it with `python -m models.train {expect_dataset if expect_arch != 'digit_classifier' else 'classifier'}`."
+    hint = f"Recreate it with `python -m bench.models.train {expect_dataset if expect_arch != 'digit_classifier' else 'classifier'}`."
     ckpt = read_checkpoint(path, what, hint)
     p = resolve_path(path, what)
     if not isinstance(ckpt, dict) or not {"arch", "arch_kwargs", "state_dict"} <= set(ckpt):

@@ -1,4 +1,4 @@
-"""Train the shipped networks from scratch:  python -m models.train digits|toy2d|classifier [key=value ...]
+"""Train the shipped networks from scratch:  python -m bench.models.train digits|toy2d|classifier [key=value ...]
 
 Hyperparameters live in conf/train/NAME.yaml (override any as key=value); the noise schedule of an
 eps-model is read from conf/model/NAME.yaml, so the model is sampled under the schedule it was trained
@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from models import datasets
-from models.registry import schedule_from_cfg
-from models.unet import ARCHS
+from bench.models import datasets
+from bench.models.registry import schedule_from_cfg
+from bench.models.unet import ARCHS
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from bench import CONF_DIR as CONF, PACKAGE_ROOT as ROOT  # noqa: E402
 
 
 def load_yaml(path: Path) -> dict:
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     names = sorted(p.stem for p in (CONF / "train").glob("*.yaml"))
     if not argv or argv[0] not in names:
-        print(f"usage: python -m models.train {{{'|'.join(names)}}} [key=value ...]", file=sys.stderr)
+        print(f"usage: python -m bench.models.train {{{'|'.join(names)}}} [key=value ...]", file=sys.stderr)
         return 2
     overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in argv[1:])}
     train(argv[0], overrides)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torchdiffeq import odeint
 
-from models.dynamics import _bc
-from models.errors import ConfigError
-from solvers.knobs import check_choice
-from solvers.registry import register_solver
+from bench.models.dynamics import _bc
+from bench.models.errors import ConfigError
+from bench.solvers.knobs import check_choice
+from bench.solvers.registry import register_solver
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}

@@ -1,7 +1,7 @@
 """Import every solver module so that each registers itself."""
-import solvers.adaptive  # noqa: F401
-import solvers.exponential  # noqa: F401
-import solvers.multistep  # noqa: F401
-import solvers.rk  # noqa: F401
-import solvers.unipc  # noqa: F401
-import solvers.stochastic  # noqa: F401
+import bench.solvers.adaptive  # noqa: F401
+import bench.solvers.exponential  # noqa: F401
+import bench.solvers.multistep  # noqa: F401
+import bench.solvers.rk  # noqa: F401
+import bench.solvers.unipc  # noqa: F401
+import bench.solvers.stochastic  # noqa: F401

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from solvers.rng import PerSampleRNG
+from bench.solvers.rng import PerSampleRNG
 
 PATH_TAG = 1    # separates path streams (seed, index, 1, k) from the sample's randn stream (seed, index)
 

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from solvers.knobs import check_choice
-from solvers.registry import register_solver
+from bench.solvers.knobs import check_choice
+from bench.solvers.registry import register_solver
 
 LOWER_ORDER_FINAL_BELOW = 15     # as diffusers: lower_order_final acts when steps < 15
 D2_SCALE = {"taylor": 2.0, "dpm_solver_code": 1.0}   # DPM-Solver++(3M): weight of D2 (see pp_multistep_update)

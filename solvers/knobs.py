@@ -1,7 +1,7 @@
 """Validation of solver knobs: a bad value is a ConfigError naming the knob and what is allowed."""
 from __future__ import annotations
 
-from models.errors import ConfigError
+from bench.models.errors import ConfigError
 
 
 def check_choice(solver: str, knob: str, value, allowed):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.knobs import check_choice
-from solvers.registry import register_solver
-from solvers.variables import ODEVariable
+from bench.solvers.knobs import check_choice
+from bench.solvers.registry import register_solver
+from bench.solvers.variables import ODEVariable
 
 ORDERS = (1, 2, 3, 4)
 # Fixed-step Adams-Bashforth coefficients, newest derivative first (iPNDM, DEIS eq. 24).

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from solvers.registry import register_solver
-from solvers.variables import ODEVariable
+from bench.solvers.registry import register_solver
+from bench.solvers.variables import ODEVariable
 
 # name: (A (strictly lower triangular), b, c, order)
 TABLEAUS = {

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from models.dynamics import _bc
-from models.errors import ConfigError
-from solvers.registry import register_solver
+from bench.models.dynamics import _bc
+from bench.models.errors import ConfigError
+from bench.solvers.registry import register_solver
 
 
 def _sqrt_abs(h):

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from models.errors import ConfigError, unknown_name
+from bench.models.errors import ConfigError, unknown_name
 
 TIMESTEPS: dict[str, Callable] = {}
 FIXED_POINTS: dict[str, Callable] = {}   # name -> fn(**knobs): the number of points a user-given list fixes

@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from solvers.exponential import _Grid
-from solvers.knobs import check_choice
-from solvers.registry import register_solver
+from bench.solvers.exponential import _Grid
+from bench.solvers.knobs import check_choice
+from bench.solvers.registry import register_solver
 
 VARIANTS = ("bh1", "bh2")
 

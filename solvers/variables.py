@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from models.dynamics import _bc
-from models.errors import ConfigError
+from bench.models.dynamics import _bc
+from bench.models.errors import ConfigError
 
 VARIABLES = ("sigma_hat", "t", "lambda")
 

@@ -5,11 +5,11 @@ the solver's own work; divide by 10 for one step."""
 import pytest
 import torch
 
-from models.dynamics import Dynamics
-from models.registry import load_model
-from solvers.registry import get_solver
-from solvers.rng import PerSampleRNG
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.models.registry import load_model
+from bench.solvers.registry import get_solver
+from bench.solvers.rng import PerSampleRNG
+from bench.solvers.timesteps import make_timesteps
 
 SOLVERS = ["euler", "heun", "rk4"]
 BATCH = 256

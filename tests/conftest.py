@@ -12,5 +12,5 @@ torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add conten
 
 @pytest.fixture(scope="session")
 def gmm_model():
-    from models.registry import load_model
+    from bench.models.registry import load_model
     return load_model({"name": "gmm", "schedule": {"name": "vp_linear"}})

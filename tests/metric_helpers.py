@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from bench.metrics import MetricContext
-from models.gmm import GaussianMixture, GMMEps
-from models.registry import LoadedModel
-from models.schedules import make_schedule
-from solvers.registry import get_solver
+from bench.models.gmm import GaussianMixture, GMMEps
+from bench.models.registry import LoadedModel
+from bench.models.schedules import make_schedule
+from bench.solvers.registry import get_solver
 
 
 class FlatEps(nn.Module):

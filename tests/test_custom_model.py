@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.errors import ConfigError
-from models.registry import load_model
+from bench.models.errors import ConfigError
+from bench.models.registry import load_model
 
 VP = {"name": "vp_linear", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0, "t_min": 0.001}
 
@@ -56,7 +56,7 @@ def test_unknown_time_input_bad_factory_and_non_module():
         load_model(_cfg(time_input="seconds"))
     with pytest.raises(ConfigError, match="cannot import module 'no_such_pkg.nets'"):
         load_model(_cfg(factory="no_such_pkg.nets:make"))
-    with pytest.raises(ConfigError, match="has no callable 'missing'"):
+    with pytest.raises(ConfigError, match="has no attribute 'missing'"):
         load_model(_cfg(factory=f"{__name__}:missing"))
     with pytest.raises(ConfigError, match="not a torch nn.Module"):
         load_model(_cfg(factory=f"{__name__}:make_not_a_module"))

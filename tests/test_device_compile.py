@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.errors import ConfigError
-from models.netio import compile_model
-from models.registry import load_model
+from bench.models.errors import ConfigError
+from bench.models.netio import compile_model
+from bench.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY2D = {"name": "toy2d", "weights": "models/weights/toy2d_mlp.pt",

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from models.dynamics import Dynamics
-from models.gmm import GaussianMixture
+from bench.models.dynamics import Dynamics
+from bench.models.gmm import GaussianMixture
 
 
 def test_eps_matches_autograd_of_log_q_t(gmm_model):

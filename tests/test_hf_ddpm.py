@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from models.errors import ConfigError  # noqa: E402
-from models.hf_ddpm import load_hf_ddpm  # noqa: E402
+from bench.models.errors import ConfigError  # noqa: E402
+from bench.models.hf_ddpm import load_hf_ddpm  # noqa: E402
 
 N = 50
 

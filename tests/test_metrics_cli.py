@@ -4,7 +4,7 @@ import sqlite3
 import pytest
 
 from bench.metrics import make_metric
-from models.errors import ConfigError
+from bench.models.errors import ConfigError
 from test_cli import bench
 
 

@@ -6,8 +6,8 @@ import torch
 from bench.metrics import make_metric
 from bench.metrics.nll import bits_offset, draw_probe, ode_logp
 from metric_helpers import make_ctx, tiny_image_model
-from models.dynamics import Dynamics
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.solvers.timesteps import make_timesteps
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from bench import run as brun
 from bench import store
 from bench.app import CONF_DIR
 from bench.compare import regressions
-from models.registry import LoadedModel, load_model, register_model
+from bench.models.registry import LoadedModel, load_model, register_model
 
 
 def cfg_for(results_dir, *overrides):

@@ -1,6 +1,6 @@
 import torch
 
-from solvers.rng import PerSampleRNG
+from bench.solvers.rng import PerSampleRNG
 
 
 def test_sample_does_not_depend_on_batching():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from models.errors import ConfigError
-from models.schedules import SCHEDULES, make_schedule
+from bench.models.errors import ConfigError
+from bench.models.schedules import SCHEDULES, make_schedule
 
 ALL = sorted(SCHEDULES)
 

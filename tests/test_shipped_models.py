@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from models import datasets, shipped
-from models.errors import ConfigError
-from models.registry import _CACHE, load_model
+from bench.models import datasets, shipped
+from bench.models.errors import ConfigError
+from bench.models.registry import _CACHE, load_model
 
 DIGITS = {"name": "digits", "weights": "models/weights/digits_unet.pt",
           "classifier": "models/weights/digits_classifier.pt",
@@ -71,7 +71,7 @@ def _cfg(**over):
 
 def test_missing_weights_names_the_path(tmp_path):
     p = tmp_path / "nope.pt"
-    with pytest.raises(ConfigError, match="nope.pt.*does not exist.*models.train digits"):
+    with pytest.raises(ConfigError, match="nope.pt.*does not exist.*bench.models.train digits"):
         shipped.load_digits(_cfg(weights=str(p)))
 
 

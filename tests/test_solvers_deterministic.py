@@ -4,10 +4,10 @@ import torch
 
 from bench.metrics.trunc import rms
 from bench.orders import CASES, measure, problem, solve, theory
-from models.dynamics import Dynamics
-from models.errors import ConfigError
-from solvers.registry import get_solver
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.models.errors import ConfigError
+from bench.solvers.registry import get_solver
+from bench.solvers.timesteps import make_timesteps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +74,7 @@ def test_ab_on_uniform_sigma_hat_grid_equals_ipndm(gmm_model, order):
 def test_dpm_solver_pp_3m_d2_weight(prob):
     """The third-order update is exact for x0 quadratic in lambda only with 2*D2 ('taylor'); the reference code's
     weight ('dpm_solver_code') gives order 2, which the orders table shows."""
-    from solvers.exponential import D2_SCALE
+    from bench.solvers.exponential import D2_SCALE
     assert D2_SCALE == {"taylor": 2.0, "dpm_solver_code": 1.0}
     model, x_T, ref = prob
     e = [rms(solve(model, "dpm_solver_pp", 256, x_T, order=3, d2=d)[0], ref) for d in ("taylor", "dpm_solver_code")]
@@ -119,7 +119,7 @@ def test_counted_nfe_equals_formula(gmm_model, name, knobs, formula, budget):
 
 
 def test_dpm_solver_fast_orders():
-    from solvers.exponential import fast_orders
+    from bench.solvers.exponential import fast_orders
     # Lu et al. 2022, sec. 3.4 with N = 3K - 1: K - 1 third-order steps and one second-order step.
     assert fast_orders(1) == [2] and fast_orders(4) == [3, 3, 3, 2]
     assert sum(fast_orders(7)) == 3 * 7 - 1
@@ -131,7 +131,7 @@ def test_dpm_solver_fast_orders():
     (2, 5, [1, 2, 2, 2]),
 ])
 def test_dpm_solver_pp_multistep_orders(order, steps, expect):
-    from solvers.exponential import multistep_order
+    from bench.solvers.exponential import multistep_order
     assert [multistep_order(order, i, steps, True) for i in range(steps - 1)] == expect
 
 
@@ -207,10 +207,12 @@ def test_orders_command_prints_fitted_orders(capsys):
         assert abs(float(r[3]) - float(r[2])) < 0.3, r     # fitted vs theory, two budgets only
 
 
-def test_orders_command_bad_option_is_an_error():
+def test_orders_command_bad_option_is_an_error(capsys):
     from bench.orders import main
+    assert main(["--only", "nope"]) == 2
+    assert "Unknown solver 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["--only", "nope"])
+        main(["--samples", "0"])
     assert e.value.code == 2
 
 

@@ -3,11 +3,11 @@ import torch
 
 from bench.metrics.trunc import fit_order, reference_solve, rms
 from bench.orders import solve
-from models.dynamics import Dynamics
-from models.errors import ConfigError
-from solvers.registry import get_solver
-from solvers.rng import PerSampleRNG
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.models.errors import ConfigError
+from bench.solvers.registry import get_solver
+from bench.solvers.rng import PerSampleRNG
+from bench.solvers.timesteps import make_timesteps
 
 
 @pytest.fixture(scope="module")

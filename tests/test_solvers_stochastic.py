@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 
 from bench.orders import solve
 from bench.run import generate
-from models.dynamics import Dynamics
-from models.errors import ConfigError
-from solvers.registry import SOLVERS, get_solver
-from solvers.rng import PerSampleRNG
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.models.errors import ConfigError
+from bench.solvers.registry import SOLVERS, get_solver
+from bench.solvers.rng import PerSampleRNG
+from bench.solvers.timesteps import make_timesteps
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "solver"
 STOCHASTIC = ["euler_maruyama", "ancestral", "edm_stochastic", "pc"]
@@ -83,7 +83,7 @@ def test_moment_errors_shrink_with_nfe(gmm_model, prior_draw, name, knobs, budge
 # --- identities ---------------------------------------------------------------------------------------------------
 @pytest.fixture(params=["vp_linear", "vp_cosine", "ve", "edm"])
 def any_schedule_model(request):
-    from models.registry import load_model
+    from bench.models.registry import load_model
     return load_model({"name": "gmm", "schedule": {"name": request.param}})
 
 
@@ -163,7 +163,7 @@ def default_knobs(name):
 
 
 def _all_solvers():
-    import solvers.all  # noqa: F401
+    import bench.solvers.all  # noqa: F401
     return sorted(SOLVERS)
 
 
@@ -225,7 +225,7 @@ def test_brownian_solvers_draw_only_increments(gmm_model, name):
     ("pc", {"snr": 0.0}, "snr must be a number > 0"),
     ("pc", {"snr": -1.0}, "snr must be a number > 0"),
     ("pc", {"n_corrector": -1}, "n_corrector must be an integer >= 0"),
-    ("pc", {"n_corrector": 1.5}, "n_corrector must be an integer >= 0"),
+    ("pc", {"n_corrector": 1.5}, "knob n_corrector=1.5 is of type float, but n_corrector takes type int"),
     ("pc", {"predictor": "ode"}, "Valid predictors are: reverse_diffusion, euler_maruyama"),
     ("pc", {"step_size": "big"}, "Valid step sizes are: norms, sigma2"),
 ])

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from bench.run import plan
-from models.errors import ConfigError
-from models.schedules import make_schedule
-from solvers.timesteps import make_timesteps
+from bench.models.errors import ConfigError
+from bench.models.schedules import make_schedule
+from bench.solvers.timesteps import make_timesteps
 
 SCHEDULES = [("vp_linear", {}), ("vp_cosine", {}), ("ve", {}), ("edm", {})]
 

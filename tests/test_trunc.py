@@ -3,15 +3,15 @@ import math
 import pytest
 import torch
 
-import solvers.all  # noqa: F401  (registers every solver, for the parametrisation below)
+import bench.solvers.all  # noqa: F401  (registers every solver, for the parametrisation below)
 from bench.metrics import cache, make_metric
 from bench.metrics.trunc import fit_order, local_error_profile, reference_trajectory, strong_error
 from metric_helpers import make_ctx
-from models.dynamics import Dynamics, _bc
-from solvers.brownian import BrownianRNG, refine_grid
-from solvers.registry import SOLVERS, get_solver
-from solvers.rng import PerSampleRNG
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics, _bc
+from bench.solvers.brownian import BrownianRNG, refine_grid
+from bench.solvers.registry import SOLVERS, get_solver
+from bench.solvers.rng import PerSampleRNG
+from bench.solvers.timesteps import make_timesteps
 
 
 def test_fit_order_recovers_a_known_power_law():

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.errors import unknown_name
+from bench.models.errors import unknown_name
 
 
 @dataclass
 class MetricContext:
     cfg: dict             # the run's full config (plain dict)
-    model: Any            # models.registry.LoadedModel
-    spec: Any             # solvers.registry.SolverSpec
+    model: Any            # bench.models.registry.LoadedModel
+    spec: Any             # bench.solvers.registry.SolverSpec
     knobs: dict           # solver knobs
     t: Any                # time grid used by the solver
     x_T: Any              # initial noise, (n, *shape)

@@ -21,8 +21,8 @@ from torch import nn
 
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, key_hash
-from models.errors import ConfigError
-from solvers.rng import sample_seed
+from bench.models.errors import ConfigError
+from bench.solvers.rng import sample_seed
 
 SPLITS = ("train", "test")
 EXACT_SAMPLES_STREAM = 1 << 40     # index of the generator stream of the exact reference samples

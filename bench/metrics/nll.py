@@ -6,7 +6,7 @@ x_t solving the ODE dx/dt = f(x, t) from the data point x_0 at t_start up to T.
   ends there, so the ODE is only trusted from t_min up; the model density is then that of x_{t_min},
   which differs from q_0 by O(sigma(t_min)^2 / data variance) (on gmm with vp_linear, t_min = 1e-3:
   below 0.002 bits/dim, see tests/test_nll.py).
-- Solver: a Runge-Kutta tableau from solvers.rk.TABLEAUS at a fixed NFE on an `edm` grid, the run's own
+- Solver: a Runge-Kutta tableau from bench.solvers.rk.TABLEAUS at a fixed NFE on an `edm` grid, the run's own
   solver and grid (`solver: run`), or a torchdiffeq adaptive method with rtol/atol.
 - Divergence: exact (one backward pass per dimension) or Hutchinson's estimator z^T (df/dx) z with one
   probe z per point, fixed for the whole solve (Grathwohl et al. 2019, eq. 7), Rademacher or Gaussian.
@@ -26,11 +26,11 @@ from torchdiffeq import odeint
 
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint
-from models.dynamics import Dynamics
-from models.errors import ConfigError
-from solvers.rk import TABLEAUS
-from solvers.rng import PerSampleRNG, sample_seed
-from solvers.timesteps import make_timesteps
+from bench.models.dynamics import Dynamics
+from bench.models.errors import ConfigError
+from bench.solvers.rk import TABLEAUS
+from bench.solvers.rng import PerSampleRNG, sample_seed
+from bench.solvers.timesteps import make_timesteps
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 VARIABLES = ("t", "lambda", "sigma_hat")
@@ -87,7 +87,7 @@ def augmented_rhs(dyn, variable, probe=None):
 
 
 def rk_integrate(rhs, state, s_grid, tableau):
-    """Fixed-grid explicit Runge-Kutta on a tuple state (Butcher tableau from solvers.rk)."""
+    """Fixed-grid explicit Runge-Kutta on a tuple state (Butcher tableau from bench.solvers.rk)."""
     A, b, c, _ = TABLEAUS[tableau]
     for n in range(len(s_grid) - 1):
         h = s_grid[n + 1] - s_grid[n]

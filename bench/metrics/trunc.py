@@ -22,11 +22,11 @@ import torch
 
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint, tensor_hash
-from models.dynamics import Dynamics
-from models.errors import ConfigError
-from solvers.adaptive import trajectory_log_sigma_hat
-from solvers.brownian import BrownianRNG, refine_grid
-from solvers.rng import PerSampleRNG
+from bench.models.dynamics import Dynamics
+from bench.models.errors import ConfigError
+from bench.solvers.adaptive import trajectory_log_sigma_hat
+from bench.solvers.brownian import BrownianRNG, refine_grid
+from bench.solvers.rng import PerSampleRNG
 
 
 def reference_trajectory(net, schedule, x_T, t_grid, rtol=1e-8, atol=1e-8, method="dopri5"):
