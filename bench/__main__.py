@@ -82,8 +82,46 @@ def check_group_choices(args) -> str | None:
     return None
 
 
+HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--info", "-i", "--package", "-p", "--config-name", "-cn", "--config-path",
+                          "-cp", "--config-dir", "-cd", "-sc", "--shell-completion", "--experimental-rerun")
+
+
+def check_overrides(args) -> str | None:
+    """Each KEY=VALUE override must parse (Hydra's grammar); results_dir must be usable before Hydra creates its
+    output folder inside it.  Returns an error message or None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    skip = False
+    for a in args:
+        if skip or a.startswith("-"):
+            skip = a in HYDRA_FLAGS_WITH_VALUE and not skip
+            continue
+        try:
+            (ov,) = parser.parse_overrides([a])
+        except HydraException as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return (f"cannot read the override '{a}' ({first}). Overrides are KEY=VALUE (nfe=18, solver=heun, "
+                    f"'metrics=[fid,trunc]'); a sweep is KEY=A,B with -m; '+KEY=VALUE' adds a key, '~KEY' removes one.")
+        if ov.key_or_group == "results_dir":
+            from bench import fsio
+            from bench.models.errors import ConfigError
+            vals = list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+            for v in vals:
+                try:
+                    fsio.check_results_dir(v)
+                except ConfigError as e:
+                    return str(e)
+    return None
+
+
 def cmd_run(args) -> int:
-    err = check_group_choices(args)
+    from bench.models.errors import ConfigError
+    try:
+        err = check_overrides(args) or check_group_choices(args)
+    except ConfigError as e:
+        err = str(e)
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -139,10 +177,33 @@ def key_value_args(args) -> list[str]:
     return out
 
 
+def _check_dirs(args) -> None:
+    """--results-dir / --into of the store commands must not be files (a missing directory is just empty)."""
+    from bench.models.errors import ConfigError
+    for flag, val in zip(args, args[1:]):
+        if flag in ("--results-dir", "--into") and Path(val).exists() and not Path(val).is_dir():
+            raise ConfigError(f"{flag.lstrip('-').replace('-', '_')} '{val}' is a file, not a results directory.")
+
+
 def _lazy(module, name, key_value=False):
     def cmd(args):
         import importlib
-        return getattr(importlib.import_module(module), name)(key_value_args(args) if key_value else args)
+
+        from bench.models.errors import ConfigError
+        try:
+            if key_value:
+                args = key_value_args(args)
+                _check_dirs(args)
+            return getattr(importlib.import_module(module), name)(args)
+        except ConfigError as e:              # bad input: one paragraph, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:                # noqa: BLE001
+            from bench.store import StoreError
+            if isinstance(e, StoreError):
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            raise
     return cmd
 
 

@@ -55,6 +55,12 @@ def main(cfg: DictConfig) -> None:
             return
         sys.exit(2)
     print(format_summary(row))
+    if row.get("unrecorded"):
+        _write_outcome(out_dir, {"status": "failed", "cell": cell_label(row), "key": row["key"],
+                                 "reason": row["unrecorded"]})
+        if not multirun:
+            sys.exit(1)
+        return
     reason = row.get("reason") or row.get("error") or (
         f"step {row.get('diverged_step')}" if row["status"] == "diverged" else "")
     _write_outcome(out_dir, {"status": row["status"], "cell": cell_label(row), "key": row["key"], "reason": reason})

@@ -42,7 +42,20 @@ def read_baseline(path) -> pd.DataFrame:
         from bench.models.errors import ConfigError
         raise ConfigError(f"No baseline CSV at '{path}'. Give a CSV written by `python -m bench export` "
                           f"or a directory of them (e.g. results/baseline).")
-    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    from bench.models.errors import ConfigError
+    frames = []
+    for f in files:
+        try:
+            df = pd.read_csv(f)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"baseline CSV '{f}' cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]}).") from None
+        need = {"cell", "status", "model", "solver", "nfe_budget", "seed", "n_samples"}
+        if not need <= set(df.columns):
+            raise ConfigError(f"baseline CSV '{f}' lacks the columns {', '.join(sorted(need - set(df.columns)))}; "
+                              f"write it with `python -m bench baseline` or `python -m bench export`.")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _finished_latest(df: pd.DataFrame) -> pd.DataFrame:
@@ -203,7 +216,7 @@ def cmd_merge(args) -> int:
     ap.add_argument("sources", nargs="+", help="results dirs to copy rows from")
     ap.add_argument("--into", default="results", help="results dir that receives the rows")
     a = ap.parse_args(args)
-    missing = [s for s in a.sources if not store.db_path(s).exists()]
+    missing = [s for s in a.sources if not store.db_path(s).exists() and not (Path(s) / store.JOURNAL).is_dir()]
     if missing:
         print(f"error: no results store in {', '.join(missing)} (each source needs a {store.DB_NAME})", file=sys.stderr)
         return 2

@@ -127,13 +127,21 @@ def plot_metric(df: pd.DataFrame, col: str, path: Path, model: str) -> dict:
 
 
 def load_samples(results_dir, rel) -> np.ndarray | None:
+    """A row's saved samples (npz without pickle, path checked to stay inside results_dir), or None with a warning
+    when the file is missing, corrupt or unsafe."""
+    from bench import fsio
+
     if not isinstance(rel, str) or not rel:
         return None
-    p = Path(results_dir) / rel
+    p = fsio.inside(results_dir, rel, "samples_path")
     if not p.exists():
         return None
-    with np.load(p) as z:
-        return z["samples"]
+    try:
+        return fsio.load_npz(p, "sample file")["samples"]
+    except (fsio.UnsafeFile, KeyError) as e:
+        fsio.warn_once(f"samples:{p}", f"{e if isinstance(e, fsio.UnsafeFile) else f'{p} has no samples array'}; "
+                                       f"left out of the sample grid")
+        return None
 
 
 def sample_grid(df: pd.DataFrame, results_dir, path: Path, model: str, n_show: int = 64) -> bool:
@@ -208,7 +216,8 @@ def report(results_dir="results", out_dir=None) -> list[Path]:
     df = latest_cells(store.load_runs(results_dir))
     written = []
     for model, g in df.groupby("model"):
-        d = out_dir / model
+        from bench import fsio
+        d = out_dir / fsio.safe_name(model, "model name")
         d.mkdir(parents=True, exist_ok=True)
         md = [f"# {model}: quality against NFE", "",
               f"{g['label'].nunique()} solvers (rows),  NFE budgets {sorted(int(n) for n in g['nfe_budget'].unique())}; "

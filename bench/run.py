@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import time
 from functools import lru_cache
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import store
+from bench import fsio, store
 from bench.metrics import MetricContext, make_metric
 from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
@@ -111,6 +110,15 @@ def check_top(cfg: dict) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be an integer in 0 .. 2**63 - 1 (sample i uses the generator (seed, i)), "
                           f"got {seed!r}")
+    for k, lo in (("num_shards", 1), ("workers", 1), ("save_samples", 0)):
+        v = cfg.get(k, lo)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"{k} must be an integer >= {lo}, got {v!r}")
+    si = cfg.get("shard_index")
+    if si is not None and (not isinstance(si, int) or isinstance(si, bool) or not 0 <= si < cfg.get("num_shards", 1)):
+        raise ConfigError(f"shard_index must be null or an integer in 0 .. num_shards-1 = "
+                          f"{cfg.get('num_shards', 1) - 1}, got {si!r}")
+    fsio.check_results_dir(cfg.get("results_dir"))
     for k in ("force", "progress"):
         if not isinstance(cfg.get(k, False), bool):
             raise ConfigError(f"{k} must be true or false, got {cfg.get(k)!r}")
@@ -167,33 +175,54 @@ def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, 
 
 
 class FiniteWatch:
-    """Wraps the network and notes the first evaluation whose input or output is not finite."""
+    """Wraps the network and notes the first evaluation whose input or output is not finite: (kind, its time,
+    the times of the evaluations before it)."""
 
     def __init__(self, net):
-        self.net, self.first = net, None
+        self.net, self.first, self.times = net, None, []
 
     def __call__(self, x, t):
         out = self.net(x, t)
+        tau = float(t.reshape(-1)[0])
         if self.first is None:
             if not bool(torch.isfinite(x).all()):
-                self.first = ("input", float(t.reshape(-1)[0]))
+                self.first = ("input", tau, list(self.times))
             elif not bool(torch.isfinite(out).all()):
-                self.first = ("output", float(t.reshape(-1)[0]))
+                self.first = ("output", tau, list(self.times))
+            self.times.append(tau)
         return out
 
 
-def step_of(t, where: str, t_eval: float | None) -> int:
-    """1-based step (step k goes from t[k-1] to t[k], the last one to sigma_hat = 0) that produced the
-    first non-finite value: an evaluation at grid time t[m] with a non-finite input was fed by step m."""
+def _same_time(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(abs(b), 1e-12)     # a grid time recomputed through sigma_hat or lambda
+
+
+def step_of(t, where: str, t_eval: float | None, spec=None, before=(), **knobs) -> int:
+    """1-based step whose output is the first non-finite state (step k goes from t[k-1] to t[k], the last one to
+    sigma_hat = 0), from the first evaluation with a non-finite input or output.
+
+    An evaluation at grid time t[m] is the `call`-th there (counted in `before`, the earlier evaluation times); the first spec.end_evals of them end step m (Heun's
+    corrector, UniPC's free evaluation, pc's Langevin steps), the others start step m+1.  A non-finite output
+    spoils the step the evaluation belongs to; a non-finite input at the first evaluation of a step was made by
+    the step before.  Off the grid, an evaluation inside (t[k], t[k-1]) belongs to step k, or to step k+1 for a
+    churned first stage (EDM)."""
     n = len(t)
     if t_eval is None:
         return n
     tg = t.double().tolist()
-    on_grid = [m for m, tm in enumerate(tg) if abs(tm - t_eval) <= 1e-5 * max(abs(tm), 1e-12)]
+    on_grid = [m for m, tm in enumerate(tg) if _same_time(t_eval, tm)]
     if on_grid:
         m = on_grid[0]
-        return max(m, 1) if where == "input" else m + 1
-    return max(1, sum(1 for tm in tg if tm > t_eval))
+        call = sum(1 for b in before if _same_time(b, tg[m]))
+        ends = spec.end_evals_at(m, n, **knobs) if (spec is not None and m >= 1) else 0
+        owner = m if call < ends else m + 1              # the step this evaluation belongs to
+        if where == "input":          # the state fed to it (x_m, or step m's predictor) was made by step m
+            return max(1, m)
+        return min(max(owner, 1), n)
+    k = sum(1 for tm in tg if tm > t_eval)               # t_eval in (t[k], t[k-1])
+    if spec is not None and spec.churn:
+        return min(k + 1, n) if where == "output" else max(k, 1)
+    return max(k, 1)
 
 
 def locate_divergence(model, spec, knobs, t, seed, indices, device, dtype) -> int:
@@ -204,8 +233,8 @@ def locate_divergence(model, spec, knobs, t, seed, indices, device, dtype) -> in
     x_T = rng.randn(model.shape) * model.schedule.prior_std()
     with torch.inference_mode():
         spec.fn(Dynamics(watch, model.schedule), x_T, t, rng, **knobs)
-    where, t_eval = watch.first or ("output", None)
-    return step_of(t, where, t_eval)
+    where, t_eval, before = watch.first or ("output", None, [])
+    return step_of(t, where, t_eval, spec, before, **knobs)
 
 
 def shard_indices(n_samples: int, num_shards: int, shard_index: int) -> range:
@@ -235,11 +264,7 @@ def _shard_path(cfg: dict, key: str, k: int) -> Path:
 
 
 def _save_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    fsio.atomic_write(path, write)
 
 
 def generate_sharded(cfg: dict, key: str, device, dtype):
@@ -250,8 +275,17 @@ def generate_sharded(cfg: dict, key: str, device, dtype):
     parts, todo = {}, []
     for k in range(n):
         p = _shard_path(cfg, key, k)
+        part = None
         if p.exists():
-            parts[k] = torch.load(p)
+            try:
+                part = fsio.load_torch(p, "shard file")
+                if not isinstance(part, dict) or not {"x_T", "samples", "nfes", "seconds", "indices"} <= set(part):
+                    raise fsio.UnsafeFile(f"shard file '{p}' does not hold a shard")
+            except fsio.UnsafeFile as e:
+                fsio.warn_once(f"shard:{p}", f"{e}; regenerating shard {k}")
+                part = None
+        if part is not None:
+            parts[k] = part
         else:
             todo.append(k)
     if todo and cfg.get("workers", 1) > 1:
@@ -288,6 +322,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     step; any other error records status 'failed' with the message."""
     t_start = time.perf_counter()
     check_top(cfg)
+    store.open_store(cfg["results_dir"])      # before any work: a directory that cannot hold the store fails now
     force = bool(cfg.get("force", False)) if force is None else force
     ident = cell_identity(cfg)
     key = cell_key(ident)
@@ -320,9 +355,11 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         else:
             x_T, samples, nfes, sampling_time = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"],
                                                          cfg["seed"], device, dtype, cfg.get("progress", False))
-        if len(set(nfes)) != 1:
+        if len(set(nfes)) != 1 and not spec.batch_coupled:
             raise RuntimeError(f"solver '{spec.name}' spent different NFE on different batches: {nfes}")
-        nfe = nfes[0]
+        nfe = max(nfes)       # adaptive (batch-coupled) solvers: each batch's count is kept in nfe_batches
+        if len(set(nfes)) != 1:
+            row["nfe_batches"] = nfes
         declared = spec.nfe_of_steps(steps, **knobs)
         if nfe > declared:
             raise RuntimeError(f"solver '{spec.name}' evaluated the network {nfe} times, more than the {declared} "
@@ -350,7 +387,11 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         log.exception("cell %s failed", key)
         row.update(status="failed", error=f"{type(e).__name__}: {e}")
     row["wall_time_s"] = time.perf_counter() - t_start
-    rid = store.record(cfg["results_dir"], row, force=force)
+    try:
+        rid = store.record(cfg["results_dir"], row, force=force)
+    except store.StoreError as e:
+        log.error("%s", e)
+        return {**row, "id": None, "unrecorded": str(e)}
     if rid is None:
         return {**row, "status": "skipped", "reason": "recorded meanwhile by another worker"}
     row["id"] = rid
@@ -375,6 +416,8 @@ def default_model() -> str | None:
 def format_summary(row: dict) -> str:
     """A short table of one run for the terminal (one line for a skipped, failed or diverged cell)."""
     st = row["status"]
+    if row.get("unrecorded"):
+        return f"  {st}, NOT recorded: {cell_label(row)}: {row['unrecorded']}"
     if st in ("skipped", "shard"):
         return f"  {st}: {cell_label(row)}: {row['reason']}"
     if st == "failed":
@@ -393,5 +436,7 @@ def format_summary(row: dict) -> str:
         lines.append((k, f"{v:.4e}" if isinstance(v, float) else str(v)))
     lines += [("wall time", f"{row['wall_time_s']:.2f} s (sampling {row['sampling_time_s']:.2f} s)"),
               ("recorded", f"run {row['id']} in {store.db_path(row['config']['results_dir'])}")]
+    if row.get("nfe_batches"):
+        lines.insert(4, ("NFE per batch", str(row["nfe_batches"])))
     w = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in lines)

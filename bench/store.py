@@ -8,7 +8,12 @@ Safety under real use:
 - each insert is one transaction (WAL journal): a killed writer leaves no partial row;
 - a partial UNIQUE index on `key` over finished rows (status ok or diverged) means two workers racing
   on one cell cannot both record it: the loser's insert is refused and reported as a skip;
-- 'failed' rows are history: they do not block a rerun, and a later finished row replaces them.
+- 'failed' rows are history: they do not block a rerun, and a later finished row replaces them;
+- the store is opened (and created) before any compute, so a directory that cannot hold it fails at once;
+- a row is first written to a journal file (results_dir/journal/, atomically), then inserted; if the insert
+  fails (a locked, full or failing disk), the journal keeps the row and the next run or `bench merge`
+  records it, so a computed result is never lost;
+- on a disk whose fsync fails (EIO) the database falls back to synchronous=OFF with a one-line warning.
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import fsio
+from bench.models.errors import ConfigError
+
 DB_NAME = "results.sqlite"
 DONE = ("ok", "diverged")          # statuses that finish a cell: a rerun skips it unless forced
 
@@ -30,20 +38,61 @@ COLUMNS = {
     "final_step": "TEXT", "metrics": "TEXT", "protocols": "TEXT", "wall_time_s": "REAL",
     "sampling_time_s": "REAL", "code_version": "TEXT", "config": "TEXT",
     "sample_shape": "TEXT", "samples_path": "TEXT", "diverged_step": "INTEGER", "n_diverged": "INTEGER",
-    "error": "TEXT",
+    "error": "TEXT", "nfe_batches": "TEXT",
 }
-JSON_COLUMNS = ("solver_knobs", "metrics", "protocols", "config", "sample_shape")
+JSON_COLUMNS = ("solver_knobs", "metrics", "protocols", "config", "sample_shape", "nfe_batches")
 
 
 def db_path(results_dir) -> Path:
     return Path(results_dir) / DB_NAME
 
 
+class StoreError(Exception):
+    """The results store cannot be written (disk I/O, full disk, lock timeout): the journal keeps the row."""
+
+
+def _is_io_error(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "disk i/o error" in str(e).lower()
+
+
 def _connect(results_dir) -> sqlite3.Connection:
+    """A connection with the schema in place; falls back to synchronous=OFF where fsync fails."""
+    try:
+        try:
+            return _open(results_dir)
+        except sqlite3.OperationalError as e:
+            if not _is_io_error(e) or not fsio.fsync_ok():
+                raise
+            fsio.fsync_failed(e)                    # the disk cannot fsync: same database, no fsync
+            return _open(results_dir)
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError):
+            raise
+        raise ConfigError(f"the results store '{db_path(results_dir)}' is corrupt or not an SQLite database "
+                          f"({e}). Move it away or choose another results_dir.") from None
+
+
+def _open(results_dir) -> sqlite3.Connection:
     path = db_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=120, isolation_level=None)   # autocommit; explicit BEGIN below
+    try:
+        return _setup(con, path)
+    except BaseException:
+        con.close()
+        raise
+
+
+def _setup(con, path) -> sqlite3.Connection:
     con.execute("PRAGMA busy_timeout=120000")
+    if not fsio.fsync_ok():
+        con.execute("PRAGMA synchronous=OFF")
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}   # read-only check
+    if "runs" in tables:
+        have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+        if not {"id", "key", "status"} <= have:
+            raise ConfigError(f"'{path}' has a table 'runs' that is not this suite's (columns: "
+                              f"{', '.join(sorted(have))}); move the file away or choose another results_dir.")
     con.execute("PRAGMA journal_mode=WAL")
     cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
     con.execute(f"CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY AUTOINCREMENT, {cols})")
@@ -74,6 +123,59 @@ def _encode(row: dict) -> dict:
     return row
 
 
+def open_store(results_dir) -> Path:
+    """Check results_dir, create or open its store, record rows left in the journal and remove stale temporary
+    files: the first thing a run does, before any compute.  Bad directories and foreign or corrupt databases are
+    ConfigErrors; a disk that cannot be written at all is a ConfigError too."""
+    root = fsio.check_results_dir(results_dir)
+    try:
+        _connect(root).close()
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"the results store '{db_path(root)}' cannot be opened ({e}). If it is corrupt, move it "
+                          f"away (its rows can be re-imported with `bench merge` if readable) or choose another "
+                          f"results_dir.") from None
+    replay_journal(root)
+    fsio.clean_stale_tmp(root)
+    return root
+
+
+JOURNAL = "journal"
+
+
+def journal_write(results_dir, row: dict) -> Path:
+    """Write a row to results_dir/journal/ (atomic, fsync where possible) before it is inserted."""
+    path = Path(results_dir) / JOURNAL / f"{row['key']}-{os.getpid()}-{time.time_ns()}.json"
+    fsio.atomic_write_text(path, json.dumps(_encode(row), sort_keys=True, default=str), sync=True)
+    return path
+
+
+def replay_journal(results_dir) -> int:
+    """Record the rows that a run computed but could not insert; returns how many were recorded."""
+    d = Path(results_dir) / JOURNAL
+    if not d.is_dir():
+        return 0
+    done = 0
+    for f in sorted(d.glob("*.json")):
+        claimed = f.with_name(f.name + fsio.TMP_MARK + f"claim-{os.getpid()}")
+        try:
+            os.rename(f, claimed)                 # one replayer per file
+        except OSError:
+            continue
+        try:
+            row = json.loads(claimed.read_text())
+            row = {k: v for k, v in row.items() if k in COLUMNS}
+            record(results_dir, row, journal=False)
+            done += 1
+            claimed.unlink()
+        except (OSError, ValueError, sqlite3.Error, StoreError) as e:
+            os.rename(claimed, f)                  # keep it for the next replay
+            fsio.warn_once(f"journal:{f}", f"journal row {f} could not be recorded yet ({e})")
+    if done:
+        fsio.warn_once(f"replayed:{results_dir}", f"recorded {done} row(s) from {d} that an earlier run had "
+                                                  f"computed but could not write to the store")
+    return done
+
+
 def find_done(results_dir, key: str) -> dict | None:
     """The finished row (status ok or diverged) of a cell, or None."""
     if not db_path(results_dir).exists():
@@ -87,12 +189,44 @@ def find_done(results_dir, key: str) -> dict | None:
         con.close()
 
 
-def record(results_dir, row: dict, force: bool = False) -> int | None:
+def record(results_dir, row: dict, force: bool = False, journal: bool = True) -> int | None:
     """Insert one row in a single transaction; returns its id, or None when the cell was already done.
 
     A finished row (ok/diverged) replaces the cell's failed rows, and with force=True its earlier
-    finished row too, so every cell is in the table exactly once.  A failed row is only appended."""
+    finished row too, so every cell is in the table exactly once.  A failed row is only appended.
+    With journal=True the row is written to the journal first and removed from it once committed; if the
+    insert fails, StoreError names the journal file that keeps it."""
     row = _encode(row)
+    jpath = None
+    if journal:
+        try:
+            jpath = journal_write(results_dir, row)
+        except OSError as e:
+            fsio.warn_once(f"journal-write:{results_dir}", f"cannot write the journal in {results_dir} ({e})")
+    try:
+        rid = _insert(results_dir, row, force)
+    except sqlite3.OperationalError as e:
+        if _is_io_error(e) and fsio.fsync_ok():
+            fsio.fsync_failed(e)
+            try:
+                rid = _insert(results_dir, row, force)
+            except sqlite3.Error as e2:
+                raise StoreError(_kept(e2, jpath)) from None
+        else:
+            raise StoreError(_kept(e, jpath)) from None
+    except sqlite3.Error as e:
+        raise StoreError(_kept(e, jpath)) from None
+    if jpath is not None:
+        jpath.unlink(missing_ok=True)
+    return rid
+
+
+def _kept(e, jpath) -> str:
+    where = f"; the row is kept in {jpath} and the next run (or `bench merge`) records it" if jpath else ""
+    return f"the results store could not be written ({type(e).__name__}: {e}){where}"
+
+
+def _insert(results_dir, row: dict, force: bool) -> int | None:
     keys = list(row)
     con = _connect(results_dir)
     try:
@@ -129,16 +263,32 @@ def append_row(results_dir, row: dict) -> int:
 def merge(into, sources) -> tuple[int, int]:
     """Copy the rows of other stores (e.g. node-local results dirs of a cluster sweep) into `into`, with their
     saved samples; a finished cell already present is not copied again.  Returns (copied, skipped)."""
-    import shutil
+    open_store(into)
     copied = skipped = 0
     for src in sources:
+        if not db_path(src).is_file() and not (Path(src) / JOURNAL).is_dir():
+            raise ConfigError(f"merge source '{src}' holds no results store ({DB_NAME}) and no journal.")
         df = load_runs(src, expand_metrics=False)
-        for r in df.to_dict("records"):
-            row = {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items() if k != "id"}
-            if row.get("samples_path") and (Path(src) / row["samples_path"]).exists():
-                dst = Path(into) / row["samples_path"]
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(src) / row["samples_path"], dst)
+        records = df.to_dict("records") + [json.loads(f.read_text()) for f in sorted((Path(src) / JOURNAL).glob(
+            "*.json"))]
+        for r in records:
+            extra = sorted(set(r) - set(COLUMNS) - {"id"})
+            if extra:
+                fsio.warn_once(f"merge-extra:{src}", f"merge source '{src}' has columns this version does not "
+                                                     f"know ({', '.join(extra)}); they are not copied")
+            row = {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items() if k in COLUMNS}
+            rel = row.get("samples_path")
+            if rel:
+                row["samples_path"] = None
+                if rel == f"samples/{row.get('key')}.npz" and fsio.NAME_RE.fullmatch(str(row.get("key"))):
+                    src_file = fsio.inside(src, rel, "samples_path of a merged row")
+                    if src_file.is_file():
+                        fsio.atomic_write(fsio.inside(into, rel, "samples_path"),
+                                          lambda f, s=src_file: f.write(s.read_bytes()))
+                        row["samples_path"] = rel
+                else:
+                    fsio.warn_once(f"merge-path:{src}:{rel}", f"merge: row {row.get('key')} of '{src}' has "
+                                   f"samples_path {rel!r}, not samples/<key>.npz; its samples are not copied")
             if record(into, row) is None:
                 skipped += 1
             else:

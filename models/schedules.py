@@ -281,7 +281,43 @@ SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
 def make_schedule(name: str, **kwargs) -> NoiseSchedule:
     if name not in SCHEDULES:
         raise unknown_name("noise schedule", name, SCHEDULES)
+    for k, v in kwargs.items():
+        if k != "betas" and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                               or not math.isfinite(v)):
+            raise ConfigError(f"noise schedule '{name}': {k}={v!r} must be a finite number.")
     try:
-        return SCHEDULES[name](**kwargs)
+        sch = SCHEDULES[name](**kwargs)
     except TypeError as e:
         raise ConfigError(f"noise schedule '{name}' got bad parameters {sorted(kwargs)}: {e}") from None
+    check_schedule(sch)
+    return sch
+
+
+def check_schedule(sch: NoiseSchedule) -> None:
+    """Parameters that give a valid diffusion on [t_min, T]: positive noise rates, 0 < t_min < T, and alpha, sigma
+    finite with log-SNR lambda decreasing from t_min to T.  A ConfigError names the parameter and the rule."""
+    name = sch.name
+    bad = None
+    if name == "vp_linear" and (sch.beta_min < 0 or sch.beta_max <= 0):
+        bad = f"beta_min={sch.beta_min}, beta_max={sch.beta_max}: need beta_min >= 0 and beta_max > 0"
+    elif name == "vp_cosine" and (sch.s <= 0 or sch.T >= 1):
+        bad = f"s={sch.s}, T={sch.T}: need s > 0 and T < 1 (alpha(1) = 0)"
+    elif name == "vp_discrete":
+        b = torch.diff(sch.log_alpha_n)
+        if not bool(torch.isfinite(sch.log_alpha_n).all()) or bool((b >= 0).any()) or sch.log_alpha_n[0] >= 0:
+            bad = "betas must lie in (0, 1)"
+        elif sch.t_min < 1.0 / sch.N - 1e-12:
+            bad = (f"t_min={sch.t_min} lies below the first discrete step 1/N = {1.0 / sch.N:.6g} (N = {sch.N}); "
+                   f"set t_min >= 1/N or null (= 1/N)")
+    elif name in ("ve", "edm") and not 0 < sch.sigma_min < sch.sigma_max:
+        bad = f"sigma_min={sch.sigma_min}, sigma_max={sch.sigma_max}: need 0 < sigma_min < sigma_max"
+    if bad is None and not 0 < sch.t_min < sch.T:
+        bad = f"t_min={sch.t_min}, T={sch.T}: need 0 < t_min < T"
+    if bad is None:
+        ends = torch.tensor([sch.t_min, sch.T], dtype=torch.float64)
+        a, sg, lam = sch.alpha(ends), sch.sigma(ends), sch.lambda_(ends)
+        if not bool(torch.isfinite(a).all() & torch.isfinite(sg).all() & (sg > 0).all()) or not lam[0] > lam[1]:
+            bad = (f"alpha or sigma is not finite and positive at t_min or T, or log-SNR does not decrease from "
+                   f"t_min to T (alpha={a.tolist()}, sigma={sg.tolist()})")
+    if bad:
+        raise ConfigError(f"noise schedule '{name}': {bad}.")

@@ -23,6 +23,8 @@ from typing import Callable
 
 from bench.models.errors import ConfigError, unknown_name
 
+MAX_STEPS = 1_000_000        # grid points a budget may ask for (a larger nfe is an error, not a hang)
+
 # Keys of a solver's YAML that describe the solver rather than being knobs of its function.
 SPEC_KEYS = ("name", "fn", "nfe", "order", "min_steps", "stochastic", "brownian", "batch_coupled",
              "default_timesteps", "final_step")
@@ -42,6 +44,15 @@ class SolverSpec:
     default_timesteps: str = "edm"
     final_step: str = "denoise"          # 'denoise': last step is x0-prediction at the last positive sigma
     source: str | None = None            # 'package.module:function' for solvers defined outside this package
+    # Where a step's evaluations sit, for locating a divergence (bench.run.step_of): end_evals = how many
+    # evaluations at grid time t[m] belong to step m (the step ending there: Heun's corrector, UniPC's free
+    # evaluation, pc's Langevin steps) before the ones that start step m+1; an int or f(m, n, **knobs).
+    # churn: the first stage of step k is evaluated above t[k-1] (EDM's churned time t_hat).
+    end_evals: Callable[..., int] | int = 0
+    churn: bool = False
+
+    def end_evals_at(self, m: int, n: int, **knobs) -> int:
+        return self.end_evals(m, n, **knobs) if callable(self.end_evals) else self.end_evals
 
     def steps_for(self, nfe: int, **knobs) -> int:
         """The most steps whose NFE fits the budget; a budget below the minimum is an error."""
@@ -51,10 +62,18 @@ class SolverSpec:
         if nfe < need:
             raise ConfigError(f"solver '{self.name}' cannot meet an NFE budget of {nfe}: with these settings it "
                               f"needs at least {need} (NFE = {self.nfe_formula}, steps >= {self.min_steps}).")
-        steps = self.min_steps
-        while self.nfe_of_steps(steps + 1, **knobs) <= nfe:
-            steps += 1
-        return steps
+        # the largest steps with nfe_of_steps(steps) <= nfe (NFE grows with steps): doubling, then bisection
+        lo, hi = self.min_steps, self.min_steps + 1
+        while self.nfe_of_steps(hi, **knobs) <= nfe:
+            lo, hi = hi, 2 * hi
+            if lo > MAX_STEPS:
+                raise ConfigError(f"nfe={nfe} would give solver '{self.name}' more than {MAX_STEPS:,} steps "
+                                  f"(NFE = {self.nfe_formula}); choose a budget below "
+                                  f"{self.nfe_of_steps(MAX_STEPS, **knobs) + 1:,}.")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.nfe_of_steps(mid, **knobs) <= nfe else (lo, mid)
+        return lo
 
     def check_steps(self, steps: int, nfe: int, **knobs) -> int:
         """A step count fixed by the user (an explicit time list) must be allowed and fit the NFE budget."""

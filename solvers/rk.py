@@ -51,8 +51,9 @@ def _register_rk(name: str):
     fn.__name__ = f"{name}_sample"
     fn.__doc__ = f"Explicit Runge-Kutta '{name}' ({stages} stages, order {order}) on the probability-flow ODE."
     formula = "steps" if stages == 1 else f"{stages}*steps - {stages - 1}"
+    c_last = TABLEAUS[name][2][-1]          # a stage at the step's end point (c = 1)?
     register_solver(name, nfe_of_steps=lambda steps, **_: stages * (steps - 1) + 1, nfe_formula=formula,
-                    min_steps=2, order=order, default_timesteps="edm")(fn)
+                    min_steps=2, order=order, default_timesteps="edm", end_evals=int(c_last == 1.0))(fn)
 
 
 for _name in TABLEAUS:

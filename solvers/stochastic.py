@@ -111,7 +111,7 @@ def _check_edm(S_churn, S_min, S_max, S_noise):
 # Not Brownian: the churn raises the noise level at a fixed step (x_hat + sqrt(s_c^2 - s^2) z), it is no increment
 # of a path over [t_n, t_{n+1}], so it is drawn with rng.randn_like.
 @register_solver("edm_stochastic", nfe_of_steps=lambda steps, **_: 2 * steps - 1, nfe_formula="2*steps - 1",
-                 min_steps=2, stochastic=True, brownian=False, default_timesteps="edm")
+                 min_steps=2, stochastic=True, brownian=False, default_timesteps="edm", end_evals=1, churn=True)
 def edm_stochastic(dyn, x, t, rng, S_churn: float = 30.0, S_min: float = 0.01, S_max: float = 1.0,
                    S_noise: float = 1.007):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2), in sigma_hat = sigma/alpha and x_hat = x/alpha."""
@@ -188,7 +188,8 @@ def _pc_nfe(steps, n_corrector=1, **_):
 
 # Not Brownian as a whole: the predictor's noise is an increment (rng.increment), the Langevin corrector's is not.
 @register_solver("pc", nfe_of_steps=_pc_nfe, nfe_formula="(1 + n_corrector)*(steps - 1) + 1", min_steps=2,
-                 stochastic=True, brownian=False, default_timesteps="uniform_t")
+                 stochastic=True, brownian=False, default_timesteps="uniform_t",
+                 end_evals=lambda m, n, n_corrector=1, **_: n_corrector)
 def pc(dyn, x, t, rng, predictor: str = "reverse_diffusion", snr: float = 0.16, n_corrector: int = 1,
        step_size: str = "norms"):
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2/3): a predictor step t_n -> t_{n+1}, then

@@ -87,4 +87,5 @@ def _nfe(steps, order=2, variant="bh2", lower_order_final=True, **_):
 
 
 register_solver("unipc", nfe_of_steps=_nfe, nfe_formula="steps", min_steps=2,
-                order=lambda order=2, **_: order + 1, default_timesteps="logsnr")(unipc_sample)
+                order=lambda order=2, **_: order + 1, default_timesteps="logsnr",
+                end_evals=lambda m, n, **_: int(m < n - 1))(unipc_sample)   # the free evaluation ends a step

@@ -257,4 +257,5 @@ def test_cli_prints_config_error_and_records_nothing(tmp_path):
                         "solver.S_max=1", "n_samples=8", f"results_dir={tmp_path}"], cwd=root, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 2 and "S_min <= S_max" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "results.sqlite").exists()
+    from bench import store
+    assert len(store.load_runs(tmp_path)) == 0          # the store is opened before any work; no row recorded

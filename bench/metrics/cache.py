@@ -26,19 +26,24 @@ def tensor_hash(x: torch.Tensor) -> str:
 
 
 def cached(results_dir, kind: str, key: dict, compute):
-    """The value stored under `key`, computing and saving it with compute() on a miss."""
+    """The value stored under `key`, computing and saving it with compute() on a miss.  Entries are read with
+    weights_only=True (tensors and plain values; a planted pickle is refused) and written atomically under a
+    unique temporary name, so parallel workers sharing a cache never see a partial entry; a corrupt or unsafe
+    entry is recomputed with a warning."""
+    from bench import fsio
+
     path = Path(results_dir) / "cache" / kind / f"{key_hash(key)}.pt"
     norm_key = json.loads(json.dumps(key, sort_keys=True, default=str))
     if path.exists():
-        entry = torch.load(path, weights_only=False)
-        if entry.get("key") == norm_key:
-            return entry["value"]
+        try:
+            entry = fsio.load_torch(path, f"cache entry ({kind})")
+            if isinstance(entry, dict) and entry.get("key") == norm_key:
+                return entry["value"]
+        except fsio.UnsafeFile as e:
+            fsio.warn_once(f"cache:{path}", f"{e}; recomputing it")
     computed[kind] += 1
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": norm_key, "value": value}, tmp)
-    tmp.replace(path)
+    fsio.atomic_write(path, lambda f: torch.save({"key": norm_key, "value": value}, f))
     return value
 
 

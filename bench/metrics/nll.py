@@ -159,6 +159,9 @@ class NLL(Metric):
                 raise ConfigError(f"nll: unknown {name} '{val}'. Valid values are: {', '.join(allowed)}.")
         if not isinstance(n_points, int) or n_points < 2:
             raise ConfigError(f"nll: n_points must be an integer >= 2, got {n_points!r}")
+        for k, v in (("rtol", rtol), ("atol", atol)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError(f"nll: {k} must be a number in (0, 1), got {v!r}")
         super().__init__(solver=solver, nfe=nfe, rtol=rtol, atol=atol, variable=variable, divergence=divergence,
                          exact_max_dim=exact_max_dim, probe=probe, prior=prior, n_points=n_points,
                          t_start=t_start, timesteps=timesteps, batch_size=batch_size)

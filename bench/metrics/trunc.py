@@ -97,6 +97,9 @@ class TruncationError(Metric):
         for k, v, lo in (("n_samples", n_samples, 1), ("profile_samples", profile_samples, 1), ("refine", refine, 2)):
             if not isinstance(v, int) or v < lo:
                 raise ConfigError(f"trunc: {k} must be an integer >= {lo}, got {v!r}")
+        for k, v in (("rtol", rtol), ("atol", atol)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError(f"trunc: {k} must be a number in (0, 1), got {v!r}")
         super().__init__(rtol=rtol, atol=atol, method=method, n_samples=n_samples, profile=profile,
                          profile_samples=profile_samples, refine=refine)
 
