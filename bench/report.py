@@ -9,21 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import store
+from bench import CONF_DIR, store
+from bench.metrics.columns import all_columns, column_owner
 from bench.metrics.trunc import fit_order as trunc_fit_order
-from bench import CONF_DIR
-
-# How each known quality column is shown; any other numeric metric column gets a linear plot.
-#   log: log-log axes;  order: fit and show the convergence order (error columns)
-QUALITY = {
-    "trunc_rms": {"label": "truncation error (RMS)", "log": True, "order": True},
-    "trunc_strong_rms": {"label": "strong error of stochastic solvers (RMS, same Brownian path)", "log": True,
-                         "order": True},
-    "fid": {"label": "FID", "log": True, "order": False},
-    "nll_bpd": {"label": "NLL (bits/dim)", "log": False, "order": False},
-}
-NOT_QUALITY_SUFFIXES = ("_nfe", "_note", "_s", "_seconds", "_se", "_n_ref", "_n", "_real_test")   # bookkeeping, not quality
-
 
 def fit_order(nfe, err) -> float:
     """Empirical order p of err ~ C NFE^-p (bench.metrics.trunc.fit_order); NaN where it cannot be fitted."""
@@ -49,32 +37,99 @@ def solver_label(row) -> str:
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
 
 
-def metric_columns(df: pd.DataFrame) -> list[str]:
-    """Numeric metric columns present in these rows (known quality columns first)."""
-    cols = set()
-    for m in df["metrics"].dropna():
-        for k, v in json.loads(m).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(NOT_QUALITY_SUFFIXES):
-                cols.add(k)
-    return [c for c in QUALITY if c in cols] + sorted(cols - set(QUALITY))
-
-
-def latest_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished rows, the newest per (solver label, time steps, NFE budget) within a model."""
+def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished rows, the newest per cell (`cell` = the identity without the code version: a rerun of the same
+    cell replaces it); rows of different seeds or sample counts stay separate rows."""
     df = df[df["status"].isin(store.DONE)].copy()
     if df.empty:
         return df
+    df = df.sort_values("id").drop_duplicates("cell", keep="last")
     df["label"] = [solver_label(r) for _, r in df.iterrows()]
-    if df.groupby("model")["timesteps"].transform("nunique").max() > 1:
-        df["label"] = df["label"] + " [" + df["timesteps"] + "]"
-    return df.sort_values("id").groupby(["model", "label", "nfe_budget"], as_index=False).last()
+    df["label"] = df["label"] + " [" + df["timesteps"].astype(str) + "]"
+    return df
 
 
-def table(df: pd.DataFrame, col: str) -> pd.DataFrame:
-    """Solvers as rows, NFE budget as columns; 'diverged' where the cell diverged."""
-    vals = df[col].astype(object).where(df["status"] == "ok", "diverged")
-    t = pd.DataFrame({"solver": df["label"], "nfe": df["nfe_budget"].astype(int), "v": vals})
-    return t.pivot(index="solver", columns="nfe", values="v").sort_index()
+latest_cells = newest_per_cell      # the name older callers use
+
+
+def _protocol(row, metric: str) -> dict:
+    p = row.get("protocols")
+    p = json.loads(p) if isinstance(p, str) else p
+    return (p.get(metric) or {}) if isinstance(p, dict) else {}
+
+
+def _num(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v
+
+
+def quality_columns(df: pd.DataFrame) -> list:
+    """Declared quality columns (bench.metrics.columns) with a number in at least one of these rows."""
+    present = [c for c in all_columns().values() if c.quality and c.name in df.columns
+               and pd.to_numeric(df[c.name], errors="coerce").notna().any()]
+    return present
+
+
+def table_groups(df: pd.DataFrame, col) -> list[tuple[dict, pd.DataFrame]]:
+    """Split rows into tables that share everything but solver (with knobs and time steps), NFE and seed: the metric's
+    protocol, the sample count and the dtype.  Returns [(identity, rows)], largest first."""
+    owner = column_owner()[col.name]
+    rows = df[pd.to_numeric(df[col.name], errors="coerce").notna() | (df["status"] == "diverged")].copy()
+    rows["_protocol"] = [json.dumps(_protocol(r, owner), sort_keys=True) for _, r in rows.iterrows()]
+    out = []
+    for (proto, n, dtype), g in rows.groupby(["_protocol", "n_samples", "dtype"], sort=False, dropna=False):
+        if pd.to_numeric(g[col.name], errors="coerce").notna().any():
+            out.append(({"protocol": json.loads(proto), "n_samples": int(n) if pd.notna(n) else None,
+                         "dtype": dtype if isinstance(dtype, str) else None, "metric": owner}, g))
+    return sorted(out, key=lambda x: -len(x[1]))
+
+
+def aggregate(g: pd.DataFrame, col) -> pd.DataFrame:
+    """One line per (solver label, NFE budget): the value, its standard error and the seeds behind it.  One seed:
+    the row's own value and standard error.  Several seeds: the mean over seeds and the standard error of that
+    mean from the spread over seeds (sd / sqrt(k)), never the last row.  Diverged rows are counted, not averaged."""
+    recs = []
+    for (label, nfe_b), c in g.groupby(["label", "nfe_budget"]):
+        ok = c[c["status"] == "ok"]
+        v = pd.to_numeric(ok[col.name], errors="coerce").dropna()
+        k = len(v)
+        if k == 0:
+            val, se = float("nan"), float("nan")
+        elif k == 1:
+            val = float(v.iloc[0])
+            se = _num(ok.loc[v.index[0]].get(col.se)) if col.se and col.se in ok else float("nan")
+        else:
+            val, se = float(v.mean()), float(v.std(ddof=1) / math.sqrt(k))
+        recs.append({"solver": label, "nfe_budget": int(nfe_b), "nfe": float(pd.to_numeric(c["nfe"]).mean()),
+                     "value": val, "se": se, "seeds": k, "diverged": int((c["status"] == "diverged").sum()),
+                     "seed_list": ",".join(str(int(x)) for x in sorted(c["seed"].dropna().unique()))})
+    return pd.DataFrame(recs)
+
+
+def local_slopes(nfe, err) -> list[float]:
+    """-d log err / d log NFE between successive points."""
+    pts = sorted((float(n), float(e)) for n, e in zip(nfe, err) if e and e > 0 and math.isfinite(e))
+    return [-(math.log(e2) - math.log(e1)) / (math.log(n2) - math.log(n1))
+            for (n1, e1), (n2, e2) in zip(pts, pts[1:]) if n2 > n1]
+
+
+def order_fit(a: pd.DataFrame, order_range=None) -> dict:
+    """Per solver: fitted order over the chosen counted-NFE range (all by default), the range used, and a flag when
+    successive local slopes disagree by more than 0.5 (a pre-asymptotic fit)."""
+    out = {}
+    for label, g in a.groupby("solver"):
+        g = g[g["value"].notna() & (g["value"] > 0)]
+        if order_range:
+            g = g[(g["nfe"] >= order_range[0]) & (g["nfe"] <= order_range[1])]
+        if g["nfe"].nunique() < 2:
+            continue
+        sl = local_slopes(g["nfe"], g["value"])
+        out[label] = {"order": fit_order(g["nfe"], g["value"]), "range": (int(g["nfe"].min()), int(g["nfe"].max())),
+                      "pre_asymptotic": bool(sl) and (max(sl) - min(sl) > 0.5), "local": sl}
+    return out
 
 
 def _fmt(v) -> str:
@@ -85,45 +140,112 @@ def _fmt(v) -> str:
     return f"{v:.4g}"
 
 
-def to_markdown(t: pd.DataFrame, title: str) -> str:
-    head = "| solver | " + " | ".join(f"NFE {c}" if not isinstance(c, str) else c for c in t.columns) + " |"
-    sep = "|---|" + "---:|" * len(t.columns)
-    body = ["| " + str(i) + " | " + " | ".join(_fmt(v) for v in r) + " |" for i, r in t.iterrows()]
-    return "\n".join([f"### {title}", "", head, sep, *body, ""])
+def _cell_text(r) -> str:
+    if r["seeds"] == 0:
+        return "diverged" if r["diverged"] else ""
+    txt = _fmt(r["value"]) + (f" ± {r['se']:.2g}" if math.isfinite(r["se"]) else "")
+    if r["seeds"] > 1:
+        txt += f" ({r['seeds']} seeds)"
+    if r["diverged"]:
+        txt += f", {r['diverged']} diverged"
+    return txt
 
 
-def plot_metric(df: pd.DataFrame, col: str, path: Path, model: str) -> dict:
-    """Quality against counted NFE, one line per solver; fitted order in the legend for error columns.
-    Returns {solver label: fitted order} (empty when the column is not an error)."""
+def table_markdown(a: pd.DataFrame, col, ident: dict, orders: dict) -> str:
+    nfes = sorted(a["nfe_budget"].unique())
+    head = "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + (" | order |" if orders else " |")
+    sep = "|---|" + "---:|" * (len(nfes) + (1 if orders else 0))
+    body = []
+    for label, g in a.groupby("solver"):
+        by = {int(r["nfe_budget"]): _cell_text(r) for _, r in g.iterrows()}
+        line = f"| {label} | " + " | ".join(by.get(int(n), "") for n in nfes)
+        if orders:
+            o = orders.get(label)
+            line += " | " + ((f"{o['order']:.2f}" + (" (pre-asymptotic)" if o["pre_asymptotic"] else "")) if o else "")
+        body.append(line + " |")
+    seeds = sorted({int(x) for sl in a["seed_list"] for x in sl.split(",") if x})
+    proto = {k: v for k, v in ident["protocol"].items() if k not in ("metric", "n_samples")}
+    own_n = ident["protocol"].get("n_samples")
+    n_txt = f"n = {ident['n_samples']} samples" + (f" (this metric uses the first {own_n})"
+                                                   if own_n and own_n != ident["n_samples"] else "")
+    cap = (f"{col.label}{' [' + col.unit + ']' if col.unit else ''}, {'lower' if col.better == 'lower' else 'higher'} "
+           f"is better; value ± standard error ({_se_kind(col)}); {n_txt}, dtype {ident['dtype']}, "
+           f"seeds {', '.join(map(str, seeds))}")
+    if orders:
+        rng = sorted({o["range"] for o in orders.values()})
+        cap += f"; order = least-squares slope over counted NFE {', '.join(f'{lo}-{hi}' for lo, hi in rng)}"
+    return "\n".join([cap + ".", "", head, sep, *body, "", f"<sub>protocol: `{json.dumps(proto, sort_keys=True)}`</sub>", ""])
+
+
+def _se_kind(col) -> str:
+    return {"fid": "bootstrap over samples", "trunc_rms": "over samples", "trunc_strong_rms": "over samples",
+            "nll_bpd": "over points"}.get(col.name, "as the metric declares") + "; over seeds where several"
+
+
+def plot_table(a: pd.DataFrame, col, ident: dict, orders: dict, floor: tuple | None, path: Path, model: str) -> None:
+    """Quality against counted NFE with error bars, one line per solver (missing cells skipped, not breaking the
+    line); reference slopes NFE^-p, p = 1..4, on error plots; the real-data floor at the matching sample count."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    q = QUALITY.get(col, {"label": col, "log": False, "order": False})
-    fig, ax = plt.subplots(figsize=(8.4, 4.6))
-    orders = {}
-    for label, g in df[df["status"] == "ok"].groupby("label"):
-        g = g.sort_values("nfe")
-        y = pd.to_numeric(g[col], errors="coerce")
-        if y.notna().sum() == 0:
+    fig, ax = plt.subplots(figsize=(8.6, 4.8))
+    for label, g in a.groupby("solver"):
+        g = g[g["value"].notna()].sort_values("nfe")
+        if g.empty:
             continue
-        name = label
-        if q["order"]:
-            orders[label] = fit_order(g["nfe"], y)
-            name = f"{label} (order {orders[label]:.2f})"
-        ax.plot(g["nfe"], y, "o-", label=name)
-    if q["log"]:
+        name = label + (f" (order {orders[label]['order']:.2f}{', pre-asymptotic' if orders[label]['pre_asymptotic'] else ''})"
+                        if label in orders else "")
+        ax.errorbar(g["nfe"], g["value"], yerr=g["se"].where(np.isfinite(g["se"]), 0), fmt="o-", ms=4, capsize=2,
+                    label=name)
+    if col.order and len(a):
+        ok = a[a["value"] > 0]
+        if len(ok):
+            n0, v0 = float(ok["nfe"].min()), float(ok.loc[ok["nfe"] == ok["nfe"].min(), "value"].median())
+            n1 = float(ok["nfe"].max())
+            xs = np.array([n0, n1])
+            for p_ in (1, 2, 3, 4):
+                ax.plot(xs, v0 * (xs / n0) ** -p_, ls=":", color="0.6", lw=1)
+                ax.annotate(f"p={p_}", (n1, v0 * (n1 / n0) ** -p_), fontsize=7, color="0.45")
+    if floor is not None:
+        ax.axhline(floor[0], color="k", ls="--", lw=1, label=floor[1])
+    if col.log:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, numticks=12))
+    nfes = sorted({int(round(x)) for x in a["nfe"].dropna()})
+    if nfes:
+        ax.set_xticks(nfes)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("NFE (counted)")
-    ax.set_ylabel(q["label"])
-    ax.set_title(f"{model}: {q['label']} against NFE")
+    ax.set_ylabel(col.label + (f" [{col.unit}]" if col.unit else ""))
+    ax.set_title(f"{model}: {col.label} against NFE (n = {ident['n_samples']} samples, error bars: ± 1 s.e.)",
+                 fontsize=10)
+    if floor is None and col.floor:
+        ax.text(0.01, 0.01, "no real-data floor at this sample count", transform=ax.transAxes, fontsize=7,
+                color="0.4")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)   # outside the axes
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return orders
+
+
+def floor_of(g: pd.DataFrame, col, n: int):
+    """(value, label) of the real-data floor at sample count n, or None: fid_real_test where it was measured at n;
+    on models with exact moments, fid_exact_samples (exact samples at the row's own count)."""
+    if col.floor and col.floor in g and col.floor_n in g:
+        m = g[pd.to_numeric(g[col.floor_n], errors="coerce") == n]
+        v = pd.to_numeric(m[col.floor], errors="coerce").dropna()
+        if len(v):
+            return float(v.mean()), f"real held-out data, n = {n} (the floor)"
+    if col.name == "fid" and "fid_exact_samples" in g:
+        v = pd.to_numeric(g["fid_exact_samples"], errors="coerce").dropna()
+        if len(v):
+            return float(v.mean()), f"{n} exact samples (the estimator's bias)"
+    return None
 
 
 def load_samples(results_dir, rel) -> np.ndarray | None:
@@ -210,30 +332,46 @@ def mosaic(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def report(results_dir="results", out_dir=None) -> list[Path]:
-    """Write tables, plots and sample grids for every model in the store; returns the files written."""
+def report(results_dir="results", out_dir=None, order_range=None) -> list[Path]:
+    """Write, per model, one table (CSV + Markdown) and one plot per quality column and table identity (protocol,
+    sample count, dtype), and a grid of the saved samples; returns the files written."""
+    from bench import fsio
+
     out_dir = Path(out_dir) if out_dir else Path(results_dir) / "report"
-    df = latest_cells(store.load_runs(results_dir))
+    df = newest_per_cell(store.load_runs(results_dir))
     written = []
+    if df.empty:
+        return written
     for model, g in df.groupby("model"):
-        from bench import fsio
         d = out_dir / fsio.safe_name(model, "model name")
         d.mkdir(parents=True, exist_ok=True)
         md = [f"# {model}: quality against NFE", "",
-              f"{g['label'].nunique()} solvers (rows),  NFE budgets {sorted(int(n) for n in g['nfe_budget'].unique())}; "
-              f"newest finished row per cell; `order` = fitted slope of log error against log NFE; code {', '.join(sorted(g['code_version'].astype(str).unique()))}.", ""]
-        for col in metric_columns(g):
-            t = table(g, col)
-            t.to_csv(d / f"{col}.csv")
-            written.append(d / f"{col}.csv")
-            orders = plot_metric(g, col, d / f"{col}.png", model)
-            written.append(d / f"{col}.png")
-            if orders:
-                t = t.assign(order=[orders.get(i, float("nan")) for i in t.index])
-            md += [to_markdown(t, QUALITY.get(col, {"label": col})["label"] + f" (`{col}`)"), f"![{col}]({col}.png)", ""]
+              f"Tables hold rows that share the metric's protocol, the sample count and the dtype; several seeds of a "
+              f"cell are averaged (standard error over seeds). Code: "
+              f"{', '.join(sorted(g['code_version'].astype(str).unique()))}.", ""]
+        for col in quality_columns(g):
+            groups = table_groups(g, col)
+            for k, (ident, rows) in enumerate(groups):
+                a = aggregate(rows, col)
+                orders = order_fit(a, order_range) if col.order else {}
+                stem = col.name + (f"_{k + 1}" if len(groups) > 1 else "")
+                csv = a.assign(order=[orders.get(s_, {}).get("order", float("nan")) for s_ in a["solver"]])
+                fsio.atomic_write_text(d / f"{stem}.csv", csv.to_csv(index=False))
+                written.append(d / f"{stem}.csv")
+                md += [f"### {col.label} (`{col.name}`)" + (f", table {k + 1} of {len(groups)}" if len(groups) > 1
+                                                             else ""), "", table_markdown(a, col, ident, orders)]
+                protocol = ident["protocol"]
+                if col.nfe_dependent and protocol.get(col.nfe_dependent) != "run":
+                    md += [f"(`{col.name}` does not depend on the sampler here ({col.nfe_dependent} = "
+                           f"{protocol.get(col.nfe_dependent)}), so it is not plotted against NFE; "
+                           f"`metric_cfg.nll.solver=run` makes it the run's own solver.)", ""]
+                    continue
+                plot_table(a, col, ident, orders, floor_of(rows, col, ident["n_samples"]), d / f"{stem}.png", model)
+                written.append(d / f"{stem}.png")
+                md += [f"![{stem}]({stem}.png)", ""]
         if sample_grid(g, results_dir, d / "samples.png", model):
             written.append(d / "samples.png")
             md += ["### Samples", "", "![samples](samples.png)", ""]
-        (d / "report.md").write_text("\n".join(md))
+        fsio.atomic_write_text(d / "report.md", "\n".join(md))
         written.append(d / "report.md")
     return written

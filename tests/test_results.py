@@ -211,13 +211,16 @@ def test_report_writes_tables_plots_and_grids(tmp_path):
     files = {p.relative_to(tmp_path / "report").as_posix() for p in rep.report(tmp_path)}
     assert {"gmm/trunc_rms.csv", "gmm/trunc_rms.png", "gmm/samples.png", "gmm/report.md",
             "images/fid.csv", "images/nll_bpd.csv", "images/samples.png"} <= files
-    t = pd.read_csv(tmp_path / "report" / "gmm" / "trunc_rms.csv", index_col=0)
-    assert list(t.index) == ["euler", "heun"] and list(t.columns) == ["5", "9", "17"]
+    t = pd.read_csv(tmp_path / "report" / "gmm" / "trunc_rms.csv")
+    assert sorted(set(t["solver"])) == ["euler [edm]", "heun [edm]"] and sorted(set(t["nfe_budget"])) == [5, 9, 17]
+    assert (t["seeds"] == 1).all() and (t["se"] > 0).all()               # one seed: the row's own standard error
     rows = store.load_runs(tmp_path)
     e = rows[(rows.solver == "euler") & (rows.model == "gmm")].sort_values("nfe")
     md = (tmp_path / "report" / "gmm" / "report.md").read_text()
-    assert f"{rep.fit_order(e['nfe'], e['trunc_rms']):.4g}" in md    # fitted order in the table
-    assert pd.read_csv(tmp_path / "report" / "images" / "fid.csv", index_col=0).loc["euler", "20"] == 12.0
+    assert f"{rep.fit_order(e['nfe'], e['trunc_rms']):.2f}" in md    # fitted order in the table
+    assert f"{e['trunc_rms'].iloc[0]:.4g} ± {e['trunc_rms_se'].iloc[0]:.2g}" in md      # value ± se
+    f = pd.read_csv(tmp_path / "report" / "images" / "fid.csv")
+    assert f.set_index("nfe_budget").loc[20, "value"] == 12.0
 
 
 # ---- compare --------------------------------------------------------------------------------------------

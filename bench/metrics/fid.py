@@ -21,6 +21,7 @@ from torch import nn
 
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, key_hash
+from bench.metrics.columns import book, quality
 from bench.models.errors import ConfigError
 from bench.solvers.rng import sample_seed
 
@@ -72,18 +73,56 @@ def _file_hash(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+BOOTSTRAP_STREAM = 1 << 41        # generator stream of the bootstrap resampling
+
+
+def _features(fid, imgs):
+    """(features in float64, the extractor's dtype) as torchmetrics' FrechetInceptionDistance.update computes them."""
+    imgs = (imgs * 255).byte() if fid.normalize and not fid.used_custom_model else imgs
+    f = fid.inception(imgs)
+    dt = f.dtype
+    f = f.double()
+    return (f.unsqueeze(0) if f.dim() == 1 else f), dt
+
+
+def bootstrap_se(feats, mu_ref, cov_ref, n_boot: int, seed: int) -> float:
+    """Standard error of the Frechet distance of `feats` (n, F) to a fixed reference Gaussian, by the bootstrap over
+    samples (Efron 1979): the sd of the distance over n_boot resamples of the n rows with replacement.  It measures
+    the sampling noise of a row's FID (what changes with the seed), not its 1/n bias, which is the same for rows of
+    equal sample count; FID is a non-linear function of the sample moments, so no closed form exists."""
+    if n_boot < 2 or feats.shape[0] < 3:
+        return float("nan")
+    x = feats.detach().flatten(1).to("cpu", torch.float64)
+    g = torch.Generator().manual_seed(sample_seed(seed, BOOTSTRAP_STREAM))
+    vals = [frechet_distance(*moments(x[torch.randint(0, x.shape[0], (x.shape[0],), generator=g)]), mu_ref, cov_ref)
+            for _ in range(n_boot)]
+    return float(torch.tensor(vals).std())
+
+
 @register_metric("fid")
 class FID(Metric):
+    columns = (
+        quality("fid", "FID", "", "fid_se", "relative", "fid", log=True, floor="fid_real_test",
+                floor_n="fid_real_test_n"),
+        book("fid_se", "standard error of fid (bootstrap over samples)"),
+        book("fid_n_ref", "real samples in the reference statistics", "samples"),
+        book("fid_real_test", "FID of held-out real data (the floor at fid_real_test_n samples)"),
+        book("fid_real_test_n", "held-out real samples scored for the floor", "samples"),
+        book("fid_exact_samples", "FID of as many exact samples (the estimator's bias; gmm)"),
+    )
+
     def __init__(self, real_split: str = "train", n_ref: int | None = None, inception_weights: str | None = None,
-                 inception_dims: int = 2048, batch_size: int = 500):
+                 inception_dims: int = 2048, batch_size: int = 500, bootstrap: int = 50):
         if real_split not in SPLITS:
             raise ConfigError(f"fid: real_split must be one of {', '.join(SPLITS)}, got '{real_split}'")
         if n_ref is not None and (not isinstance(n_ref, int) or n_ref < 2):
             raise ConfigError(f"fid: n_ref must be null (all real data) or an integer >= 2, got {n_ref!r}")
         if inception_weights is not None and not Path(inception_weights).is_file():
             raise ConfigError(f"fid: inception_weights file not found: '{inception_weights}'")
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0 or bootstrap == 1:
+            raise ConfigError(f"fid: bootstrap must be 0 (no standard error) or an integer >= 2, got {bootstrap!r}")
         super().__init__(real_split=real_split, n_ref=n_ref, inception_weights=inception_weights,
-                         inception_dims=inception_dims, batch_size=batch_size)
+                         inception_dims=inception_dims, batch_size=batch_size, bootstrap=bootstrap)
 
     # --- which feature space ------------------------------------------------------------------
     def _kind(self, model) -> str:
@@ -169,17 +208,32 @@ class FID(Metric):
                     ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}
 
         stats = cached(ctx.cfg.get("results_dir", "results"), "fid_ref", self._ref_key(ctx, ext_id), real_stats)
-        def fid_of(x):
-            """FID of x against the cached real statistics (one module, its fake statistics reset per call)."""
+        def feats_of(x):
+            """Features of x, each image through the extractor once, as torchmetrics' update would compute them."""
+            with torch.no_grad():
+                fs = [_features(fid, self._prep(ctx.model, x[i:i + bs].cpu(), kind)) for i in range(0, x.shape[0], bs)]
+            fid.orig_dtype = fs[0][1]
+            return torch.cat([f for f, _ in fs])
+
+        def fid_of(x=None, f=None):
+            """FID against the cached real statistics (torchmetrics' compute on these features' sums)."""
+            f = feats_of(x) if f is None else f
             fid.reset()
             for k, v in stats.items():
                 setattr(fid, k, v.clone())
-            with torch.no_grad():
-                for i in range(0, x.shape[0], bs):
-                    fid.update(self._prep(ctx.model, x[i:i + bs].cpu(), kind), real=False)
-                return float(fid.compute())
+            fid.fake_features_sum = f.sum(0)
+            fid.fake_features_cov_sum = f.T @ f
+            fid.fake_features_num_samples = torch.tensor(f.shape[0]).long()
+            fid._update_count = max(fid._update_count, 1)      # the sums above stand for update() calls
+            return float(fid.compute())
 
-        out = {"fid": fid_of(ctx.samples), "fid_n_ref": int(stats["real_features_num_samples"])}
+        feats = feats_of(ctx.samples)
+        out = {"fid": fid_of(f=feats), "fid_n_ref": int(stats["real_features_num_samples"])}
+        if self.knobs["bootstrap"]:
+            n_r = stats["real_features_num_samples"].double()
+            mu_r = stats["real_features_sum"].double() / n_r
+            cov_r = (stats["real_features_cov_sum"].double() - n_r * torch.outer(mu_r, mu_r)) / (n_r - 1)
+            out["fid_se"] = bootstrap_se(feats, mu_r, cov_r, self.knobs["bootstrap"], ctx.cfg.get("seed", 0))
         if self.knobs["real_split"] == "train":
             # The floor: held-out real images scored like samples (a perfect sampler's FID at that count).
             def floor():
@@ -194,5 +248,8 @@ class FID(Metric):
         mu, cov = gmm.mean(), gmm.cov()
         g = torch.Generator().manual_seed(sample_seed(ctx.cfg.get("seed", 0), EXACT_SAMPLES_STREAM))
         exact = gmm.sample(n, generator=g)
-        return {"fid": frechet_distance(*moments(ctx.samples), mu, cov),
-                "fid_exact_samples": frechet_distance(*moments(exact), mu, cov)}
+        out = {"fid": frechet_distance(*moments(ctx.samples), mu, cov),
+               "fid_exact_samples": frechet_distance(*moments(exact), mu, cov)}
+        if self.knobs["bootstrap"]:
+            out["fid_se"] = bootstrap_se(ctx.samples, mu, cov, self.knobs["bootstrap"], ctx.cfg.get("seed", 0))
+        return out

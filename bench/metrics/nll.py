@@ -27,6 +27,7 @@ from torchdiffeq import odeint
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint
 from bench.models.dynamics import Dynamics
+from bench.metrics.columns import book, quality
 from bench.models.errors import ConfigError
 from bench.solvers.rk import TABLEAUS
 from bench.solvers.rng import PerSampleRNG, sample_seed
@@ -147,6 +148,13 @@ def dequantize(x, model, seed, indices):
 
 @register_metric("nll")
 class NLL(Metric):
+    columns = (
+        quality("nll_bpd", "NLL (bits/dim)", "bits/dim", "nll_bpd_se", "absolute", "nll", nfe_dependent="solver"),
+        book("nll_bpd_se", "standard error of nll_bpd over the points", "bits/dim"),
+        book("nll_nfe", "NFE of the likelihood solve", "NFE"),
+        book("nll_bpd_exact", "analytic -log2 p(x)/D on the same points (gmm)", "bits/dim"),
+    )
+
     def __init__(self, solver: str = "dopri5", nfe: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
                  variable: str = "lambda", divergence: str = "auto", exact_max_dim: int = 16,
                  probe: str = "rademacher", prior: str = "schedule", n_points: int = 128,

@@ -23,6 +23,7 @@ import torch
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint, tensor_hash
 from bench.models.dynamics import Dynamics
+from bench.metrics.columns import book, quality
 from bench.models.errors import ConfigError
 from bench.solvers.adaptive import trajectory_log_sigma_hat
 from bench.solvers.brownian import BrownianRNG, refine_grid
@@ -49,6 +50,16 @@ def reference_solve(net, schedule, x_T, t_start, t_end, rtol=1e-8, atol=1e-8, me
 
 def rms(a, b):
     return float(torch.sqrt(((a.double() - b.double()) ** 2).mean()))
+
+
+def rms_se(a, b) -> tuple[float, float]:
+    """RMS per dimension over samples and its standard error over samples: with e_i the mean squared error of
+    sample i, rms = sqrt(mean e) and, by the delta method, se = sd(e) / sqrt(n) / (2 rms)."""
+    e = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    r = float(torch.sqrt(e.mean()))
+    if e.numel() < 2 or r == 0.0:
+        return r, float("nan") if e.numel() < 2 else 0.0
+    return r, float(e.std() / math.sqrt(e.numel()) / (2 * r))
 
 
 def fit_order(nfes, errors) -> tuple[float, float]:
@@ -87,11 +98,23 @@ def strong_error(fn, model, x_T, t, seed, indices, refine, knobs=None, dtype=tor
         dyn = Dynamics(model.net, model.schedule)
         with torch.inference_mode():
             res.append(fn(dyn, x_T.to(dtype), grid, rng, **knobs))
-    return rms(res[0], res[1]), dyn.nfe
+    err, se = rms_se(res[0], res[1])
+    return err, dyn.nfe, se
 
 
 @register_metric("trunc")
 class TruncationError(Metric):
+    columns = (
+        quality("trunc_rms", "truncation error (RMS per dim)", "", "trunc_rms_se", "ratio", "err", log=True,
+                order=True),
+        book("trunc_rms_se", "standard error of trunc_rms over samples (delta method)"),
+        quality("trunc_strong_rms", "strong error of stochastic solvers (RMS, same Brownian path)", "",
+                "trunc_strong_rms_se", "ratio", "err", log=True, order=True),
+        book("trunc_strong_rms_se", "standard error of trunc_strong_rms over samples"),
+        book("trunc_ref_nfe", "NFE of the reference solve", "NFE"),
+        book("trunc_local_profile", "one-step local error per step"),
+        book("trunc_note", "why trunc is not available"),
+    )
     def __init__(self, rtol: float = 1e-8, atol: float = 1e-8, method: str = "dopri5", n_samples: int = 256,
                  profile: bool = True, profile_samples: int = 32, refine: int = 8):
         for k, v, lo in (("n_samples", n_samples, 1), ("profile_samples", profile_samples, 1), ("refine", refine, 2)):
@@ -148,7 +171,8 @@ class TruncationError(Metric):
             return self._stochastic(ctx)
         n, m, k = self._n(ctx), ctx.model, self.knobs
         ref = self._reference(ctx, n)
-        out = {"trunc_rms": rms(ctx.samples[:n], ref["x0"].to(ctx.samples.device)), "trunc_ref_nfe": ref["nfe"]}
+        err, se = rms_se(ctx.samples[:n], ref["x0"].to(ctx.samples.device))
+        out = {"trunc_rms": err, "trunc_rms_se": se, "trunc_ref_nfe": ref["nfe"]}
         ctx.cache["trunc_reference"] = ref["x0"]
         if k["profile"]:
             out["trunc_local_profile"] = self._profile(ctx)
@@ -174,6 +198,6 @@ class TruncationError(Metric):
             return {"trunc_rms": None, "trunc_note": f"n/a: stochastic solver '{spec.name}' does not draw its noise "
                     "through rng.increment (spec.brownian is false), so no same-path reference is defined"}
         n = self._n(ctx)
-        err, nfe = strong_error(spec.fn, ctx.model, ctx.x_T[:n], ctx.t, ctx.cfg.get("seed", 0), range(n),
-                                self.knobs["refine"], ctx.knobs, ctx.dtype)
-        return {"trunc_strong_rms": err, "trunc_ref_nfe": nfe}   # strong error: its own column, not the ODE error
+        err, nfe, se = strong_error(spec.fn, ctx.model, ctx.x_T[:n], ctx.t, ctx.cfg.get("seed", 0), range(n),
+                                    self.knobs["refine"], ctx.knobs, ctx.dtype)
+        return {"trunc_strong_rms": err, "trunc_strong_rms_se": se, "trunc_ref_nfe": nfe}   # strong error: its own column, not the ODE error
