@@ -71,11 +71,15 @@ def config(*overrides: str, searchpath=(), **values) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     for k, v in later.items():
-        if isinstance(v, dict) and isinstance(plain.get(k), dict):
-            plain[k] = {**plain[k], **v}
-        else:
-            plain[k] = v
+        plain[k] = _deep_merge(plain.get(k), v)
     return plain
+
+
+def _deep_merge(base, over):
+    """`over` merged into `base` key by key at every depth (as Hydra merges overrides); other values replace."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _deep_merge(base.get(k), v) for k, v in over.items()}}
+    return over
 
 
 def load_model(model: str | dict = "digits", searchpath=(), **overrides):

@@ -16,11 +16,11 @@ from bench import fsio, store
 from bench.metrics import MetricContext, make_metric
 from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
-from bench.models.netio import compile_model
+from bench.models.netio import check_float64, compile_model
 from bench.models.registry import load_model
 from bench.solvers.registry import solver_from_cfg
 from bench.solvers.rng import PerSampleRNG
-from bench.solvers.timesteps import fixed_points, make_timesteps
+from bench.solvers.timesteps import fixed_points, grid_record, make_timesteps
 from bench import CONF_DIR, REPO_ROOT
 
 log = logging.getLogger("bench")
@@ -145,7 +145,10 @@ def plan(cfg: dict):
     if (n_fixed := fixed_points(ts_name, **ts_cfg)) is not None:
         steps = spec.check_steps(n_fixed, cfg["nfe"], **knobs)     # an explicit list fixes the step count
     model = load_model(cfg["model"])
-    t = make_timesteps(ts_name, model.schedule, steps, **ts_cfg)
+    t = make_timesteps(ts_name, model.schedule, steps, **ts_cfg)   # a non-finite grid is a ConfigError here
+    ts_cfg = {**ts_cfg, **grid_record(model.schedule, t)}          # the sigma_hat range used, for the row
+    if cfg["dtype"] == "float64" or ("trunc" in metrics_list and not spec.stochastic):
+        check_float64(model)                                       # a float64 reference needs a float64 network
     return spec, knobs, metrics, steps, ts_name, ts_cfg, model, t
 
 

@@ -5,8 +5,13 @@ time_input is what the network was trained on (conf/model/custom.yaml, key time_
   t      the schedule's time t times time_scale (e.g. t in [0, 1], or 999 t for a network fed 0..999)
   step   the discrete step n = (t - 1/N) N of a vp_discrete schedule with N steps (DDPM-style networks)
   sigma  the noise level sigma_hat(t) = sigma/alpha (EDM-style; equals sigma(t) for ve and edm schedules)
+conf/model/custom.yaml holds neutral defaults only (kwargs and weights null, schedule keys null = the family's
+default), so a user's command line or own YAML starts clean.  bench.models.helpers has a float64-safe
+sinusoidal embedding and StepInput, a wrapper for networks trained on the DDPM step index.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -52,14 +57,31 @@ def load_custom(cfg: dict) -> LoadedModel:
         raise ConfigError("model=custom needs 'shape': the shape of one sample, e.g. [3, 32, 32] or [2].")
     time_input = time_input_fn(cfg.get("time_input", "t"), schedule, float(cfg.get("time_scale", 1.0)))
     factory = import_factory(cfg.get("factory"))
-    net = factory(**(cfg.get("kwargs") or {}))
+    kwargs = cfg.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model=custom: kwargs must be a mapping of keyword arguments of the factory, e.g. "
+                          f"'model.kwargs={{hidden:64}}', got {kwargs!r}.")
+    bad_kwargs = lambda e: ConfigError(f"model=custom: factory '{cfg.get('factory')}' does not take the keyword "  # noqa: E731
+                                       f"arguments {kwargs} (model.kwargs): {e}")
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        raise bad_kwargs(e) from None
+    except ValueError:      # no signature to inspect (some builtins): the call decides
+        pass
+    try:
+        net = factory(**kwargs)
+    except TypeError as e:  # a (*args, **kwargs) signature that refuses them inside, e.g. nn.Module.__init__
+        if "keyword argument" not in str(e):
+            raise
+        raise bad_kwargs(e) from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model=custom: factory '{cfg.get('factory')}' returned {type(net).__name__}, not a torch nn.Module.")
     if cfg.get("weights"):
         path = resolve_path(cfg["weights"], "model=custom")
         state = read_checkpoint(path, "model=custom", "Expected a file written by torch.save(net.state_dict()).")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        load_state(net, state, path, "model=custom")
+        load_state(getattr(net, "weights_target", net), state, path, "model=custom")   # a helper wrapper: its network
     net = net.eval().requires_grad_(False)
     data_range = cfg.get("data_range")
     if data_range is not None:

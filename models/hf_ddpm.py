@@ -16,7 +16,7 @@ from torch import nn
 from bench.models.errors import ConfigError
 from bench.models.netio import EpsAdapter, check_output_shape
 from bench.models.registry import LoadedModel, register_model
-from bench.models.schedules import VPDiscrete
+from bench.models.schedules import VPDiscrete, check_schedule
 
 SCHEDULER_FILE = "scheduler_config.json"
 
@@ -92,6 +92,7 @@ def load_hf_ddpm(cfg: dict) -> LoadedModel:
     unet = unet.eval().requires_grad_(False)
     betas = scheduler.betas.double()
     schedule = VPDiscrete(betas=betas.tolist(), T=float(cfg.get("T", 1.0)), t_min=cfg.get("t_min"))
+    check_schedule(schedule)     # T and t_min within the scheduler's steps [1/N, 1]
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     shape = (unet.config.in_channels, *size)

@@ -89,11 +89,58 @@ class EpsAdapter(nn.Module):
         self._copies = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, x, t):
+    def raw(self, x, t):
+        """The network's output as it returns it (dtype unchanged)."""
         t_in = self.time_input(t) if self.time_input is not None else t
         net = self._net_for(x)
         xin = x * self.x_scale + self.x_shift if (self.x_scale != 1.0 or self.x_shift != 0.0) else x
-        return net(xin, t_in.to(x.device)).to(x.dtype)
+        return net(xin, t_in.to(x.device))
+
+    def forward(self, x, t):
+        return self.raw(x, t).to(x.dtype)
+
+
+_FLOAT64_OK: set = set()
+
+
+def check_float64(model) -> None:
+    """A float64 evaluation (the trunc metric's float64 reference, or dtype=float64) must compute in float64:
+    a network that fails on float64 input or returns another dtype is a ConfigError; one whose output ignores
+    changes of t or x below float32 resolution (a cast to float32 inside, often in its time embedding) gets a
+    warning, since the float64 reference is then only float32-accurate.  Checked once per network, before any
+    sampling; models whose network is not an EpsAdapter (the exact gmm) compute in the input's dtype already."""
+    net = model.net
+    if not isinstance(net, EpsAdapter) or id(net) in _FLOAT64_OK:
+        return
+    what = f"model={model.name}"
+    sch = model.schedule
+    t_mid = 0.5 * (float(sch.T) + float(sch.t_min))
+    x = torch.randn(2, *model.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.full((2,), t_mid, dtype=torch.float64)
+    hint = ("A float64 reference (metric trunc with a deterministic solver, or dtype=float64) needs float64 "
+            "throughout: look for .float() or torch.float32 in the network or its time embedding "
+            "(bench.models.helpers.sinusoidal_embedding is float64-safe), or run without one (dtype=float32, "
+            "metrics without trunc).")
+    try:
+        with torch.no_grad():
+            out = net.raw(x, t)
+            if out.dtype != torch.float64:
+                raise ConfigError(f"{what}: the network returns {out.dtype} for float64 input. {hint}")
+            lost = []
+            for name, small, big in (("t", (x, t * (1 + 1e-10)), (x, t * (1 + 1e-3))),
+                                     ("x", (x * (1 + 1e-10), t), (x * (1 + 1e-3), t))):
+                if torch.equal(net.raw(*small), out) and not torch.equal(net.raw(*big), out):
+                    lost.append(name)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a dtype mismatch inside the user's network, typically)
+        raise ConfigError(f"{what}: the network fails on float64 input ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}). {hint}") from None
+    if lost:
+        log.warning("%s: the network's float64 output does not change when %s changes below float32 resolution "
+                    "(relative 1e-10) but does for larger changes: it computes in float32 somewhere on that path, so "
+                    "a float64 reference (trunc) is only float32-accurate. %s", what, " or ".join(lost), hint)
+    _FLOAT64_OK.add(id(net))
 
 
 _COMPILED: dict = {}

@@ -169,18 +169,110 @@ class VPCosine(_VP):
         return {**super().describe(), "s": self.s}
 
 
+BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
+BETA_FILES = (".npy", ".pt", ".txt")
+
+
+def named_betas(name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None,
+                s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """The N betas of a published discrete schedule, float64:
+      linear         linspace(beta_start, beta_end, N), DDPM's 1e-4 .. 0.02 (Ho et al. 2020, sec. 4)
+      cosine         beta_n = min(1 - abar(n+1)/abar(n), max_beta), abar(n) = f(n/N)/f(0),
+                     f(u) = cos^2((u + s)/(1 + s) pi/2), s = 0.008, max_beta = 0.999 (Nichol & Dhariwal 2021, eq. 17)
+      scaled_linear  linspace(sqrt(beta_start), sqrt(beta_end), N)^2, Stable Diffusion's 0.00085 .. 0.012
+    beta_start/beta_end None = the published constants of `name`."""
+    if name not in BETA_SCHEDULES:
+        raise ConfigError(f"noise schedule 'vp_discrete': unknown betas '{name}'. Valid names are: "
+                          f"{', '.join(BETA_SCHEDULES)}; or give a list of betas or a file ({', '.join(BETA_FILES)}).")
+    n = int(num_steps)
+    if name == "cosine":
+        if beta_start is not None or beta_end is not None:
+            raise ConfigError("noise schedule 'vp_discrete': betas 'cosine' takes s and max_beta, not "
+                              f"beta_start/beta_end (got beta_start={beta_start}, beta_end={beta_end}).")
+        u = torch.arange(n + 1, dtype=torch.float64) / n
+        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        return torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
+    lo, hi = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}[name]
+    lo = lo if beta_start is None else float(beta_start)
+    hi = hi if beta_end is None else float(beta_end)
+    if name == "linear":
+        return torch.linspace(lo, hi, n, dtype=torch.float64)
+    if lo < 0 or hi < 0:
+        raise ConfigError(f"noise schedule 'vp_discrete': scaled_linear needs beta_start, beta_end >= 0, got {lo}, {hi}.")
+    return torch.linspace(lo ** 0.5, hi ** 0.5, n, dtype=torch.float64) ** 2
+
+
+def betas_from_file(path) -> torch.Tensor:
+    """Betas stored in a file: .npy (numpy.save, no pickles), .pt (a tensor or list, loaded with weights_only),
+    or .txt (numbers separated by white space, commas or new lines)."""
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser()
+    if p.suffix not in BETA_FILES:
+        raise ConfigError(f"noise schedule 'vp_discrete': betas '{path}' is neither a schedule name "
+                          f"({', '.join(BETA_SCHEDULES)}) nor a file ending in {', '.join(BETA_FILES)}.")
+    if not p.is_file():
+        raise ConfigError(f"noise schedule 'vp_discrete': betas file '{p.resolve()}' does not exist.")
+    try:
+        if p.suffix == ".npy":
+            import numpy as np
+            vals = torch.as_tensor(np.load(p, allow_pickle=False), dtype=torch.float64)
+        elif p.suffix == ".pt":
+            vals = torch.as_tensor(torch.load(p, map_location="cpu", weights_only=True), dtype=torch.float64)
+        else:
+            vals = torch.tensor([float(v) for v in p.read_text().replace(",", " ").split()], dtype=torch.float64)
+    except Exception as e:  # noqa: BLE001  (numpy, torch and float() raise many types for foreign files)
+        raise ConfigError(f"noise schedule 'vp_discrete': betas file '{p}' could not be read as a list of numbers "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).") from None
+    return vals
+
+
 class VPDiscrete(_VP):
     """Discrete DDPM betas made continuous: log alpha interpolated piecewise-linearly over
-    t_n = (n+1)/N, n = 0..N-1 (DPM-Solver's NoiseScheduleVP('discrete'), Lu et al. 2022, app. D)."""
+    t_n = (n+1)/N, n = 0..N-1 (DPM-Solver's NoiseScheduleVP('discrete'), Lu et al. 2022, app. D).
+
+    betas: a published schedule by name (linear | cosine | scaled_linear, with num_steps), an explicit list,
+    or a file (.npy / .pt / .txt).  Sampling runs on [t_min, T] within [t_1, t_N] = [1/N, 1]: t_min defaults
+    to the first step 1/N; the schedule is never extrapolated beyond its steps."""
 
     name = "vp_discrete"
 
-    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000,
-                 betas: list[float] | None = None, T: float = 1.0, t_min: float | None = None):
-        if betas is None:
-            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    def __init__(self, betas="linear", num_steps: int | None = None, beta_start: float | None = None,
+                 beta_end: float | None = None, s: float = 0.008, max_beta: float = 0.999, T: float = 1.0,
+                 t_min: float | None = None):
+        if isinstance(betas, str) and betas in BETA_SCHEDULES:
+            if num_steps is None:
+                num_steps = 1000
+            if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 2:
+                raise ConfigError(f"noise schedule 'vp_discrete': num_steps must be an integer >= 2, got {num_steps!r}.")
+            if not 0 < max_beta <= 1 or not s > 0:
+                raise ConfigError(f"noise schedule 'vp_discrete': need s > 0 and 0 < max_beta <= 1, got s={s}, "
+                                  f"max_beta={max_beta}.")
+            self.source = betas
+            betas = named_betas(betas, int(num_steps), beta_start, beta_end, s, max_beta)
         else:
-            betas = torch.as_tensor(betas, dtype=torch.float64)
+            if beta_start is not None or beta_end is not None:
+                raise ConfigError("noise schedule 'vp_discrete': beta_start/beta_end apply to the named schedules "
+                                  f"linear and scaled_linear, not to betas given as a list or file.")
+            self.source = str(betas) if isinstance(betas, str) else "list"
+            if isinstance(betas, str):
+                betas = betas_from_file(betas)
+            elif isinstance(betas, (bytes, dict)) or not hasattr(betas, "__len__"):
+                raise ConfigError(f"noise schedule 'vp_discrete': betas must be one of {', '.join(BETA_SCHEDULES)}, "
+                                  f"a list of numbers or a file ({', '.join(BETA_FILES)}), got {betas!r}.")
+            else:
+                try:
+                    betas = torch.as_tensor(betas, dtype=torch.float64)
+                except (TypeError, ValueError, RuntimeError):
+                    raise ConfigError(f"noise schedule 'vp_discrete': betas must be a list of numbers, "
+                                      f"got {str(betas)[:200]}.") from None
+            if betas.dim() != 1 or len(betas) < 2:
+                raise ConfigError(f"noise schedule 'vp_discrete': betas must be a flat list of at least 2 numbers, "
+                                  f"got shape {tuple(betas.shape)}.")
+            if num_steps is not None and int(num_steps) != len(betas):
+                raise ConfigError(f"noise schedule 'vp_discrete': num_steps={num_steps} but the betas have "
+                                  f"{len(betas)} entries; leave num_steps null with an explicit list or a file.")
+        self.betas = betas
         self.N = len(betas)
         self.beta_start, self.beta_end = float(betas[0]), float(betas[-1])
         self.t_n = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
@@ -210,7 +302,8 @@ class VPDiscrete(_VP):
         return self._interp(self._log_alpha_of_lambda(lam), self.log_alpha_n, self.t_n)[0]
 
     def describe(self):
-        return {**super().describe(), "num_steps": self.N, "beta_start": self.beta_start, "beta_end": self.beta_end}
+        return {**super().describe(), "num_steps": self.N, "betas": self.source, "beta_start": self.beta_start,
+                "beta_end": self.beta_end}
 
 
 class VE(NoiseSchedule):
@@ -278,12 +371,27 @@ SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
 }
 
 
+def schedule_params(name: str) -> list[str]:
+    """The parameters a noise schedule accepts (its constructor's keywords)."""
+    import inspect
+
+    return [p for p in inspect.signature(SCHEDULES[name]).parameters if p != "self"]
+
+
 def make_schedule(name: str, **kwargs) -> NoiseSchedule:
+    """The schedule `name` with `kwargs`; a None value means the schedule's own default (so one config can list
+    the keys of every family, null where unused).  A key the schedule does not take is a ConfigError naming
+    the keys it accepts."""
     if name not in SCHEDULES:
         raise unknown_name("noise schedule", name, SCHEDULES)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    accepted = schedule_params(name)
+    if unknown := sorted(set(kwargs) - set(accepted)):
+        raise ConfigError(f"noise schedule '{name}' has no parameter {', '.join(map(repr, unknown))} "
+                          f"(= {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}). It accepts: {', '.join(accepted)} "
+                          f"(null or absent = its default).")
     for k, v in kwargs.items():
-        if k != "betas" and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                               or not math.isfinite(v)):
+        if k != "betas" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise ConfigError(f"noise schedule '{name}': {k}={v!r} must be a finite number.")
     try:
         sch = SCHEDULES[name](**kwargs)
@@ -309,6 +417,9 @@ def check_schedule(sch: NoiseSchedule) -> None:
         elif sch.t_min < 1.0 / sch.N - 1e-12:
             bad = (f"t_min={sch.t_min} lies below the first discrete step 1/N = {1.0 / sch.N:.6g} (N = {sch.N}); "
                    f"set t_min >= 1/N or null (= 1/N)")
+        elif sch.T > 1.0 + 1e-12:
+            bad = (f"T={sch.T} lies beyond the last discrete step t_N = 1 (N = {sch.N}); the schedule is not "
+                   f"extrapolated: set T <= 1 (1 = start at the last step)")
     elif name in ("ve", "edm") and not 0 < sch.sigma_min < sch.sigma_max:
         bad = f"sigma_min={sch.sigma_min}, sigma_max={sch.sigma_max}: need 0 < sigma_min < sigma_max"
     if bad is None and not 0 < sch.t_min < sch.T:
@@ -319,5 +430,9 @@ def check_schedule(sch: NoiseSchedule) -> None:
         if not bool(torch.isfinite(a).all() & torch.isfinite(sg).all() & (sg > 0).all()) or not lam[0] > lam[1]:
             bad = (f"alpha or sigma is not finite and positive at t_min or T, or log-SNR does not decrease from "
                    f"t_min to T (alpha={a.tolist()}, sigma={sg.tolist()})")
+    if bad is None:
+        p = sch.prior_std()
+        if not (math.isfinite(p) and p > 0):
+            bad = f"the prior scale sigma(T) = {p} at T={sch.T} is not a finite positive number"
     if bad:
         raise ConfigError(f"noise schedule '{name}': {bad}.")

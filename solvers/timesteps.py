@@ -2,21 +2,35 @@
 is appended by every solver (DESIGN: final step).  Each is built from the noise schedule alone."""
 from __future__ import annotations
 
+import logging
+import math
 from typing import Callable
 
 import torch
 
 from bench.models.errors import ConfigError, unknown_name
 
+log = logging.getLogger("timesteps")
+
 TIMESTEPS: dict[str, Callable] = {}
 FIXED_POINTS: dict[str, Callable] = {}   # name -> fn(**knobs): the number of points a user-given list fixes
+ENDS: dict[str, Callable] = {}           # name -> fn(schedule, **knobs): (first, last) time, where not (T, t_min)
+RECORDED = ("sigma_hat_range", "model_sigma_hat_range")   # written into the row's timesteps config by grid_record
+
+# EDM's sigma range for VP models (Karras et al. 2022, sec. 5 and table 1, "VP" column: sigma in [0.002, 80]).
+# Above sigma_hat = 80, alpha < 1/80: x_t is the prior N(0, sigma^2) to within 1.25 % of the data's scale,
+# which is what "saturated" means in the warning of check_grid.
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
+SATURATED_SIGMA_HAT = EDM_SIGMA_MAX
 
 
-def register_timesteps(name, fixed_points: Callable | None = None):
+def register_timesteps(name, fixed_points: Callable | None = None, ends: Callable | None = None):
     def deco(fn):
         TIMESTEPS[name] = fn
         if fixed_points is not None:
             FIXED_POINTS[name] = fixed_points
+        if ends is not None:
+            ENDS[name] = ends
         return fn
     return deco
 
@@ -27,20 +41,79 @@ def uniform_t(schedule, n):
     return torch.linspace(schedule.T, schedule.t_min, n, dtype=torch.float64)
 
 
-@register_timesteps("logsnr")
-def uniform_logsnr(schedule, n):
-    """Uniform in lambda = log(alpha/sigma) (DPM-Solver's 'logSNR' skip type, Lu et al. 2022, sec. 3.3)."""
-    lam = torch.linspace(float(schedule.lambda_(schedule.T)), float(schedule.lambda_(schedule.t_min)), n,
-                         dtype=torch.float64)
+def _knob_number(name, key, v, allow_none=True):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"timesteps '{name}': {key} must be a positive number{' or null' if allow_none else ''}, "
+                          f"got {v!r}")
+    return float(v)
+
+
+def capped_sigma_range(schedule, sigma_max=EDM_SIGMA_MAX, sigma_min=EDM_SIGMA_MIN, cap_factor: float = 10.0,
+                       name: str = "edm"):
+    """(hi, lo): the sigma_hat range of a grid that takes sigma from the model's range [sigma_hat(t_min),
+    sigma_hat(T)], bounded as in EDM's VP setting (sigma in [0.002, 80]) where the model's range passes a bound
+    by more than cap_factor: hi = sigma_max where sigma_hat(T) > cap_factor sigma_max (VP schedules only: x_T is
+    drawn from N(0, sigma(T)^2), within 1/(2 sigma_max^2) of sigma at the capped start), lo = sigma_min where
+    sigma_hat(t_min) < sigma_min / cap_factor.  None switches a bound off."""
+    sigma_max = _knob_number(name, "sigma_max", sigma_max)
+    sigma_min = _knob_number(name, "sigma_min", sigma_min)
+    if isinstance(cap_factor, bool) or not isinstance(cap_factor, (int, float)) or not cap_factor >= 1:
+        raise ConfigError(f"timesteps '{name}': cap_factor must be a number >= 1 (1 = bound wherever the model's range "
+                          f"passes sigma_min/sigma_max), got {cap_factor!r}")
+    if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
+        raise ConfigError(f"timesteps '{name}': need sigma_min < sigma_max, got sigma_min={sigma_min}, "
+                          f"sigma_max={sigma_max}")
+    s_hi, s_lo = float(schedule.sigma_hat(schedule.T)), float(schedule.sigma_hat(schedule.t_min))
+    for where, tv, v in (("T", schedule.T, s_hi), ("t_min", schedule.t_min, s_lo)):
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"timesteps '{name}': the model's sigma_hat at {where} = {tv} is {v}, not a finite positive "
+                              f"number; the noise schedule '{schedule.name}' is invalid there (a configuration error, "
+                              f"not a solver divergence).")
+    hi = sigma_max if (sigma_max is not None and schedule.is_vp and s_hi > cap_factor * sigma_max) else s_hi
+    lo = sigma_min if (sigma_min is not None and s_lo < sigma_min / cap_factor) else s_lo
+    if not lo < hi:
+        raise ConfigError(f"timesteps '{name}': the bounded range [{lo:.6g}, {hi:.6g}] is empty for the model's range "
+                          f"[{s_lo:.6g}, {s_hi:.6g}] (sigma_min={sigma_min}, sigma_max={sigma_max})")
+    return hi, lo
+
+
+def _bounded_ends(name, schedule, sigma_max, sigma_min, cap_factor):
+    """(first, last) time of a grid on capped_sigma_range: T and t_min where a bound does not apply."""
+    hi, lo = capped_sigma_range(schedule, sigma_max, sigma_min, cap_factor, name)
+    s_hi, s_lo = float(schedule.sigma_hat(schedule.T)), float(schedule.sigma_hat(schedule.t_min))
+    first = schedule.T if hi == s_hi else float(schedule.t_of_sigma_hat(torch.tensor(hi, dtype=torch.float64)))
+    last = schedule.t_min if lo == s_lo else float(schedule.t_of_sigma_hat(torch.tensor(lo, dtype=torch.float64)))
+    return first, last
+
+
+def _edm_ends(schedule, rho: float = 7.0, sigma_max=EDM_SIGMA_MAX, sigma_min=EDM_SIGMA_MIN, cap_factor: float = 10.0):
+    return _bounded_ends("edm", schedule, sigma_max, sigma_min, cap_factor)
+
+
+def _logsnr_ends(schedule, sigma_max=EDM_SIGMA_MAX, cap_factor: float = 10.0):
+    return _bounded_ends("logsnr", schedule, sigma_max, None, cap_factor)
+
+
+@register_timesteps("logsnr", ends=_logsnr_ends)
+def uniform_logsnr(schedule, n, sigma_max=EDM_SIGMA_MAX, cap_factor: float = 10.0):
+    """Uniform in lambda = log(alpha/sigma) = -log sigma_hat (DPM-Solver's 'logSNR' skip type, Lu et al. 2022,
+    sec. 3.3), from lambda(T) to lambda(t_min); the start capped at sigma_hat = sigma_max as the edm preset does
+    where the model saturates (capped_sigma_range; conf/timesteps/logsnr.yaml)."""
+    hi, lo = capped_sigma_range(schedule, sigma_max, None, cap_factor, "logsnr")
+    lam_hi = float(schedule.lambda_(schedule.T)) if hi == float(schedule.sigma_hat(schedule.T)) else -math.log(hi)
+    lam = torch.linspace(lam_hi, float(schedule.lambda_(schedule.t_min)), n, dtype=torch.float64)
     return schedule.t_of_lambda(lam)
 
 
-@register_timesteps("edm")
-def edm_rho(schedule, n, rho: float = 7.0):
-    """sigma_hat_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho (Karras et al. 2022, eq. 5)."""
-    if rho <= 0:
+@register_timesteps("edm", ends=_edm_ends)
+def edm_rho(schedule, n, rho: float = 7.0, sigma_max=EDM_SIGMA_MAX, sigma_min=EDM_SIGMA_MIN, cap_factor: float = 10.0):
+    """sigma_hat_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho (Karras et al. 2022, eq. 5), on
+    the model's range bounded as EDM's VP setting does (capped_sigma_range; conf/timesteps/edm.yaml)."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho <= 0:
         raise ConfigError(f"timesteps 'edm': rho must be positive, got {rho}")
-    s_max, s_min = float(schedule.sigma_hat(schedule.T)), float(schedule.sigma_hat(schedule.t_min))
+    s_max, s_min = capped_sigma_range(schedule, sigma_max, sigma_min, cap_factor)
     r = torch.linspace(0, 1, n, dtype=torch.float64)
     sig = (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return schedule.t_of_sigma_hat(sig)
@@ -108,13 +181,69 @@ def make_timesteps(name: str, schedule, n: int, **knobs) -> torch.Tensor:
         raise unknown_name("time-step schedule", name, TIMESTEPS)
     if n < 1:
         raise ConfigError(f"a time-step schedule needs at least one point, got {n}")
+    knobs = {k: v for k, v in knobs.items() if k not in RECORDED}    # a row's config, fed back, runs as it ran
     try:
         t = TIMESTEPS[name](schedule, n, **knobs)
+        first, last = ENDS[name](schedule, **knobs) if name in ENDS else (schedule.T, schedule.t_min)
     except TypeError as e:
         raise ConfigError(f"time-step schedule '{name}' got bad parameters {sorted(knobs)}: {e}") from None
-    if name in FIXED_POINTS:
-        return t
-    t[0], t[-1] = schedule.T, schedule.t_min  # pin the ends exactly
-    if n == 1:
-        t = torch.tensor([schedule.T], dtype=torch.float64)
+    if name not in FIXED_POINTS:
+        t[0], t[-1] = first, last  # pin the ends exactly
+        if n == 1:
+            t = torch.tensor([first], dtype=torch.float64)
+    check_grid(name, schedule, t)
     return t
+
+
+def check_grid(name: str, schedule, t: torch.Tensor) -> None:
+    """A grid the solvers can run on, or a ConfigError naming the value (never a NaN grid that a run would record
+    as a solver divergence): finite, strictly decreasing times within [t_min, T], with alpha, sigma and sigma_hat
+    finite and positive at every point.  Warns when most points lie where the schedule is saturated."""
+    where = f"time-step schedule '{name}' on noise schedule '{schedule.name}' (T={schedule.T}, t_min={schedule.t_min})"
+    tl = t.double().tolist()
+    for i, v in enumerate(tl):
+        if not math.isfinite(v):
+            raise ConfigError(f"{where} gives a non-finite time t[{i}] = {v} (grid {_short(tl)}): a configuration "
+                              f"error, not a solver divergence; check the schedule's T, t_min and the preset's knobs.")
+    for i in range(len(tl) - 1):
+        if not tl[i + 1] < tl[i]:
+            raise ConfigError(f"{where} gives times that do not decrease: t[{i}] = {tl[i]:.10g}, t[{i + 1}] = "
+                              f"{tl[i + 1]:.10g} (grid {_short(tl)}).")
+    tol = 1e-9 * max(abs(schedule.T), 1.0)
+    if tl[0] > schedule.T + tol or tl[-1] < schedule.t_min - tol:
+        bad = (0, tl[0]) if tl[0] > schedule.T + tol else (len(tl) - 1, tl[-1])
+        raise ConfigError(f"{where} gives t[{bad[0]}] = {bad[1]:.10g} outside [t_min, T] = [{schedule.t_min}, "
+                          f"{schedule.T}].")
+    tt = torch.tensor(tl, dtype=torch.float64)
+    for what, vals in (("alpha", schedule.alpha(tt)), ("sigma", schedule.sigma(tt)), ("sigma_hat", schedule.sigma_hat(tt))):
+        ok = torch.isfinite(vals) & (vals > 0)
+        if not bool(ok.all()):
+            i = int(torch.nonzero(~ok)[0])
+            raise ConfigError(f"{where}: {what}(t[{i}] = {tl[i]:.10g}) = {float(vals[i])} is not a finite positive "
+                              f"number; the noise schedule is invalid there.")
+    sig = schedule.sigma_hat(tt)
+    n_sat = int((sig > SATURATED_SIGMA_HAT).sum())
+    if len(tl) > 1 and 2 * n_sat > len(tl):
+        key = (name, schedule.name, len(tl), round(float(sig[0]), 6))
+        if key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("%s: %d of its %d points lie at sigma_hat > %g, where the schedule is saturated (x_t is "
+                        "pure noise to within 1/%g); the solver spends most of its budget there. sigma_hat(T) = %.4g. "
+                        "Bound it as EDM's VP setting does: timesteps=edm timesteps.sigma_max=%g timesteps.cap_factor=1.", where,
+                        n_sat, len(tl), SATURATED_SIGMA_HAT, SATURATED_SIGMA_HAT,
+                        float(schedule.sigma_hat(schedule.T)), EDM_SIGMA_MAX)
+
+
+_WARNED: set = set()
+
+
+def _short(vals, k=6) -> str:
+    v = [f"{x:.6g}" for x in vals]
+    return "[" + ", ".join(v if len(v) <= k else v[:k // 2] + ["..."] + v[-k // 2:]) + "]"
+
+
+def grid_record(schedule, t: torch.Tensor) -> dict:
+    """What a row records of its grid: the sigma_hat range the grid spans and the model's own range."""
+    s = schedule.sigma_hat(torch.tensor([float(t[0]), float(t[-1]), schedule.T, schedule.t_min], dtype=torch.float64))
+    r = lambda x: float(f"{float(x):.6g}")  # noqa: E731
+    return {"sigma_hat_range": [r(s[0]), r(s[1])], "model_sigma_hat_range": [r(s[2]), r(s[3])]}

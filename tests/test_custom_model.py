@@ -77,13 +77,19 @@ def test_weights_and_shape_errors(tmp_path):
 
 
 def test_shipped_mlp_as_custom_equals_toy2d():
-    """The example in conf/model/custom.yaml: the two-moons MLP by import path gives model=toy2d's eps."""
+    """The example in conf/model/custom.yaml's comment: the two-moons MLP by import path, composed on the command
+    line over the neutral custom.yaml, gives model=toy2d's eps."""
     import yaml
 
-    with open("conf/model/custom.yaml") as f:
-        custom = load_model(yaml.safe_load(f))
+    import bench.api
+
+    cfg = bench.api.config("model=custom", "model.factory=bench.models.unet:MLPEps",
+                           "model.kwargs={dim:2,hidden:256,depth:4,t_dim:64}", "model.weights=models/weights/toy2d_mlp.pt",
+                           "model.shape=[2]", "model.schedule.beta_min=0.1", "model.schedule.beta_max=20")
+    custom = load_model(cfg["model"])
     with open("conf/model/toy2d.yaml") as f:
         toy = load_model(yaml.safe_load(f))
     x, t = torch.randn(8, 2), torch.rand(8) * 0.9 + 0.05
     assert torch.allclose(custom.net(x, t), toy.net(x, t), atol=1e-6)
     assert not torch.allclose(toy.net(x, t), torch.zeros(8, 2), atol=1e-3)
+    assert custom.schedule.t_min == toy.schedule.t_min and custom.schedule.T == toy.schedule.T

@@ -1,0 +1,493 @@
+"""Golden versions of every registered sampler, written out from the papers for the golden-step tests.
+
+Each function here re-derives its solver from the published algorithm, independently of bench.solvers: it
+uses only the noise schedule (alpha, sigma, lambda and their inverses, f, g^2: the project's single source of
+truth) and the exact eps-network, and never a helper of the solver package.  Where a paper leaves a choice
+open, the choice the benchmark made is stated in one comment (read off solvers/*.py and conf/solver/*.yaml):
+
+- every sampler ends with the x0-prediction made from an evaluation at the last positive time t[-1]
+  (DESIGN 'final step'); multistep methods reuse the evaluation they already made there;
+- multistep warm-up: the update from t_i uses order min(order, i + 1);
+- DPM-Solver++ lower_order_final: the interval ending at t[-1] uses order <= 2 when len(t) < 15;
+  UniPC lower_order_final: that interval uses order <= 2 always (diffusers' rule); no corrector follows it;
+- stochastic samplers draw Brownian-increment noise with rng.increment(x, t_from, t_to) and any other noise
+  (EDM churn, Langevin) with rng.randn_like(x); EDM draws only where gamma_i > 0.
+
+All arithmetic is float64.  `Net` counts evaluations, so a golden also states the NFE its algorithm costs.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction as Fr
+
+import numpy as np
+import torch
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+class Net:
+    """eps(x, t) of the exact model with a scalar time, counting evaluations; schedule scalars as floats."""
+
+    def __init__(self, model):
+        self.net, self.sch, self.calls = model.net, model.schedule, 0
+
+    def eps(self, x, t):
+        self.calls += 1
+        return self.net(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))
+
+    def _f64(self, v):
+        return torch.as_tensor(v, dtype=torch.float64)
+
+    def alpha(self, t):
+        return float(self.sch.alpha(self._f64(float(t))))
+
+    def sigma(self, t):
+        return float(self.sch.sigma(self._f64(float(t))))
+
+    def lam(self, t):
+        return float(self.sch.lambda_(self._f64(float(t))))
+
+    def t_of_lam(self, lam):
+        return float(self.sch.t_of_lambda(self._f64(float(lam))))
+
+    def sig_hat(self, t):
+        return self.sigma(t) / self.alpha(t)
+
+    def t_of_sig_hat(self, s):
+        return float(self.sch.t_of_sigma_hat(self._f64(float(s))))
+
+    def f(self, t):
+        return float(self.sch.f(self._f64(float(t))))
+
+    def g2(self, t):
+        return float(self.sch.g2(self._f64(float(t))))
+
+    def x0_pred(self, x, t, eps=None):
+        """Tweedie / the definition x_t = alpha x0 + sigma eps, solved for x0."""
+        e = self.eps(x, t) if eps is None else eps
+        return (x - self.sigma(t) * e) / self.alpha(t)
+
+
+class StubRNG:
+    """Pre-drawn standard normals handed out in call order, whatever method asks; the log keeps which method
+    asked and for which interval, so the golden and the solver can be compared on both."""
+
+    def __init__(self, seed: int = 0):
+        self.seed, self.k, self.log = seed, 0, []
+
+    def _next(self, x):
+        g = torch.Generator().manual_seed(1_000_003 * self.seed + self.k)
+        self.k += 1
+        return torch.randn(tuple(x.shape), generator=g, dtype=torch.float64).to(x.dtype)
+
+    def randn_like(self, x):
+        self.log.append(("randn_like",))
+        return self._next(x)
+
+    def increment(self, x, t_from, t_to):
+        self.log.append(("increment", round(float(t_from), 12), round(float(t_to), 12)))
+        return self._next(x)
+
+
+def _times(t):
+    return [float(v) for v in t]
+
+
+# ------------------------------------------------------------------------------------------ Runge-Kutta
+# Butcher tableaus (c, A rows, b) from the textbooks (Butcher 2016; Hairer, Norsett & Wanner I, table 1.1-1.2).
+TABLEAUS = {
+    "euler": ([0], [[]], [1]),
+    "midpoint": ([0, Fr(1, 2)], [[], [Fr(1, 2)]], [0, 1]),                       # Runge 1895
+    "heun": ([0, 1], [[], [1]], [Fr(1, 2), Fr(1, 2)]),                           # trapezoidal / Heun's 2nd order
+    "ralston": ([0, Fr(2, 3)], [[], [Fr(2, 3)]], [Fr(1, 4), Fr(3, 4)]),          # Ralston 1962
+    "rk3": ([0, Fr(1, 2), 1], [[], [Fr(1, 2)], [-1, 2]], [Fr(1, 6), Fr(4, 6), Fr(1, 6)]),   # Kutta's 3rd order
+    "rk4": ([0, Fr(1, 2), Fr(1, 2), 1], [[], [Fr(1, 2)], [0, Fr(1, 2)], [0, 0, 1]],
+            [Fr(1, 6), Fr(2, 6), Fr(2, 6), Fr(1, 6)]),                           # classical Kutta 1901
+}
+
+
+class _Variable:
+    """The probability-flow ODE written in one integration variable s; state y.
+    sigma_hat: y = x/alpha, dy/ds = eps (Karras et al. 2022, eq. 4 with s(t) = alpha(t)).
+    t:         y = x, dy/dt = f x + g^2/(2 sigma) eps (Song et al. 2021, eq. 13 with score = -eps/sigma).
+    lambda:    y = x, dy/dlambda = (dy/dt)/(dlambda/dt) with dlambda/dt = -g^2/(2 sigma^2)."""
+
+    def __init__(self, M: Net, name: str):
+        self.M, self.name = M, name
+
+    def s(self, t):
+        return {"sigma_hat": self.M.sig_hat, "t": float, "lambda": self.M.lam}[self.name](t)
+
+    def t(self, s):
+        return {"sigma_hat": self.M.t_of_sig_hat, "t": float, "lambda": self.M.t_of_lam}[self.name](s)
+
+    def to_y(self, x, t):
+        return x / self.M.alpha(t) if self.name == "sigma_hat" else x
+
+    def to_x(self, y, t):
+        return y * self.M.alpha(t) if self.name == "sigma_hat" else y
+
+    def rhs(self, s, y):
+        M, t = self.M, self.t(s)
+        x = self.to_x(y, t)
+        e = M.eps(x, t)
+        if self.name == "sigma_hat":
+            return e
+        dxdt = M.f(t) * x + M.g2(t) / (2 * M.sigma(t)) * e
+        if self.name == "t":
+            return dxdt
+        return dxdt * (-2 * M.sigma(t) ** 2 / M.g2(t))
+
+
+def _final_x0(M, V, y, t_last):
+    return M.x0_pred(V.to_x(y, t_last), t_last)
+
+
+def rk_golden(M: Net, x, t, tableau: str, variable: str = "sigma_hat"):
+    """Explicit RK with the given Butcher tableau on the grid, in `variable`; then x0 at t[-1]."""
+    c, A, b = TABLEAUS[tableau]
+    V = _Variable(M, variable)
+    ts = _times(t)
+    y = V.to_y(x, ts[0])
+    for n in range(len(ts) - 1):
+        s0, s1 = V.s(ts[n]), V.s(ts[n + 1])
+        h = s1 - s0
+        ks = []
+        for i in range(len(b)):
+            yi = y.clone()
+            for j, aij in enumerate(A[i]):
+                if aij != 0:
+                    yi = yi + h * float(aij) * ks[j]
+            ks.append(V.rhs(s0 + float(c[i]) * h, yi))
+        y = y + h * sum(float(bi) * k for bi, k in zip(b, ks) if bi != 0)
+    return _final_x0(M, V, y, ts[-1])
+
+
+def edm_heun_golden(M: Net, x, t):
+    """Karras et al. 2022, Algorithm 1, in sigma_hat with t_N = 0 appended:
+    d_i = (x_i - D(x_i; t_i))/t_i; x_{i+1} = x_i + (t_{i+1} - t_i) d_i; if t_{i+1} != 0, the trapezoidal correction."""
+    sig = [M.sig_hat(v) for v in _times(t)] + [0.0]
+
+    def D(x_hat, s):
+        ts = M.t_of_sig_hat(s)
+        return x_hat - s * M.eps(M.alpha(ts) * x_hat, ts)
+
+    xh = x / M.alpha(float(t[0]))
+    for i in range(len(sig) - 1):
+        d = (xh - D(xh, sig[i])) / sig[i]
+        xn = xh + (sig[i + 1] - sig[i]) * d
+        if sig[i + 1] != 0:
+            d2 = (xn - D(xn, sig[i + 1])) / sig[i + 1]
+            xn = xh + (sig[i + 1] - sig[i]) * (0.5 * d + 0.5 * d2)
+        xh = xn
+    return xh
+
+
+# -------------------------------------------------------------------------------------- linear multistep
+IPNDM = {1: [1], 2: [Fr(3, 2), Fr(-1, 2)], 3: [Fr(23, 12), Fr(-16, 12), Fr(5, 12)],
+         4: [Fr(55, 24), Fr(-59, 24), Fr(37, 24), Fr(-9, 24)]}   # fixed-step Adams-Bashforth, newest first
+
+
+def ab_weights_variable(nodes, s_now, s_next):
+    """Weights w with h sum_j w_j f(nodes_j) = int_{s_now}^{s_next} p(s) ds for every polynomial p of degree
+    < len(nodes): the moment conditions sum_j w_j ((nodes_j - s_now)/h)^m = 1/(m+1), m = 0..k-1."""
+    h = s_next - s_now
+    z = (np.asarray(nodes, dtype=np.float64) - s_now) / h
+    k = len(z)
+    V = np.vstack([z ** m for m in range(k)])
+    return np.linalg.solve(V, np.array([1.0 / (m + 1) for m in range(k)]))
+
+
+def ab_golden(M: Net, x, t, order=2, ipndm=False, variable="sigma_hat"):
+    """Adams-Bashforth-k (variable-step) or iPNDM (Zhang & Chen 2023: fixed-step AB weights), warm-up with the
+    orders the history allows, one evaluation per grid point; then x0 at t[-1]."""
+    V = _Variable(M, variable)
+    ts = _times(t)
+    s = [V.s(v) for v in ts]
+    y = V.to_y(x, ts[0])
+    derivs = []                                   # newest first
+    for n in range(len(ts) - 1):
+        derivs = [V.rhs(s[n], y)] + derivs
+        k = min(order, n + 1)
+        w = [float(c) for c in IPNDM[k]] if ipndm else ab_weights_variable(s[n::-1][:k], s[n], s[n + 1])
+        y = y + (s[n + 1] - s[n]) * sum(float(wj) * dj for wj, dj in zip(w, derivs[:k]))
+    return _final_x0(M, V, y, ts[-1])
+
+
+# ----------------------------------------------------------------------------- DPM-Solver (Lu et al. 2022)
+def _dpm_step(M: Net, x, t_prev, t_next, k):
+    """One DPM-Solver-k step, noise prediction (Lu et al. 2022: eq. 3.7 (k=1); Alg. 1, r1 = 1/2 (k=2);
+    Alg. 2, r1 = 1/3, r2 = 2/3 (k=3))."""
+    lp, ln = M.lam(t_prev), M.lam(t_next)
+    h = ln - lp
+    a_p, a_n, s_n = M.alpha(t_prev), M.alpha(t_next), M.sigma(t_next)
+    e0 = M.eps(x, t_prev)
+    base = (a_n / a_p) * x - s_n * (math.exp(h) - 1) * e0
+    if k == 1:
+        return base
+    if k == 2:
+        r1 = 0.5
+        s1 = M.t_of_lam(lp + r1 * h)
+        u1 = (M.alpha(s1) / a_p) * x - M.sigma(s1) * (math.exp(r1 * h) - 1) * e0
+        return base - s_n / (2 * r1) * (math.exp(h) - 1) * (M.eps(u1, s1) - e0)
+    r1, r2 = 1 / 3, 2 / 3
+    s1, s2 = M.t_of_lam(lp + r1 * h), M.t_of_lam(lp + r2 * h)
+    u1 = (M.alpha(s1) / a_p) * x - M.sigma(s1) * (math.exp(r1 * h) - 1) * e0
+    D1 = M.eps(u1, s1) - e0
+    u2 = ((M.alpha(s2) / a_p) * x - M.sigma(s2) * (math.exp(r2 * h) - 1) * e0
+          - M.sigma(s2) * r2 / r1 * ((math.exp(r2 * h) - 1) / (r2 * h) - 1) * D1)
+    D2 = M.eps(u2, s2) - e0
+    return base - s_n / r2 * ((math.exp(h) - 1) / h - 1) * D2
+
+
+def dpm_solver_golden(M: Net, x, t, order=3, fast=False):
+    """Singlestep DPM-Solver-k on every interval; DPM-Solver-fast (sec. 3.4): for K intervals the paper's
+    N = 3K - 1 case, K - 1 third-order steps then one second-order step.  Then x0 at t[-1]."""
+    ts = _times(t)
+    K = len(ts) - 1
+    orders = ([3] * (K - 1) + [2]) if fast else [order] * K
+    for i, k in enumerate(orders):
+        x = _dpm_step(M, x, ts[i], ts[i + 1], k)
+    return M.x0_pred(x, ts[-1])
+
+
+# ------------------------------------------------------------------------ DPM-Solver++ (Lu et al. 2022b)
+def _integral_weights(h, kmax):
+    """I_k = int_0^h e^{u - h} u^k / k! du, k = 0..kmax (Gauss-Legendre, exact to rounding for these smooth
+    integrands): x_t = (sigma_t/sigma_s) x_s + alpha_t sum_k I_k x0^(k)(lambda_s) (Lu et al. 2022b, eq. 9)."""
+    xg, wg = np.polynomial.legendre.leggauss(40)
+    u = (xg + 1) * h / 2
+    return [float((wg * h / 2 * np.exp(u - h) * u ** k).sum() / math.factorial(k)) for k in range(kmax + 1)]
+
+
+def dpm_pp_multistep_golden(M: Net, x, t, order=2, lower_order_final=True, d2="taylor"):
+    """DPM-Solver++(kM), data prediction, multistep in lambda.  k = 1: eq. (5); k = 2: Alg. 2 of Lu et al. 2022b;
+    k = 3 (the paper gives no formula; the reference code's form): x0(lambda) replaced by its Taylor polynomial
+    at lambda_i of degree 2, derivatives from the quadratic through the last three predictions, each Taylor
+    term integrated exactly (I_0, I_1, I_2).  d2='dpm_solver_code' halves the second-derivative term, as the
+    reference code does.  Then x0 at t[-1] (the evaluation there)."""
+    ts = _times(t)
+    n = len(ts)
+    lams = [M.lam(v) for v in ts]
+    hist = []                                     # (lambda, x0) newest first
+    for i in range(n - 1):
+        hist = [(lams[i], M.x0_pred(x, ts[i]))] + hist[:2]
+        k = min(order, i + 1)
+        if lower_order_final and n < 15 and i == n - 2:
+            k = min(k, 2)
+        h = lams[i + 1] - lams[i]
+        I = _integral_weights(h, 2)
+        a_t = M.alpha(ts[i + 1])
+        ratio = M.sigma(ts[i + 1]) / M.sigma(ts[i])
+        if k == 1:                                # eq. (5): first order
+            x = ratio * x + a_t * I[0] * hist[0][1]
+        elif k == 2:                              # Alg. 2: D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1}/h_i
+            r = (lams[i] - lams[i - 1]) / h
+            D = (1 + 1 / (2 * r)) * hist[0][1] - 1 / (2 * r) * hist[1][1]
+            x = ratio * x - a_t * (math.exp(-h) - 1) * D
+        else:                                     # Taylor terms k = 0, 1, 2 with Newton divided differences in lambda
+            (l0, m0), (l1, m1), (l2, m2) = hist
+            f01, f12 = (m0 - m1) / (l0 - l1), (m1 - m2) / (l1 - l2)
+            f012 = (f01 - f12) / (l0 - l2)
+            d1 = f01 + f012 * (l0 - l1)           # p'(l0) of the quadratic through the three points
+            d2v = 2 * f012                        # p''
+            x = (ratio * x + a_t * I[0] * m0 + a_t * I[1] * d1
+                 + a_t * I[2] * d2v * (1.0 if d2 == "taylor" else 0.5))
+    return M.x0_pred(x, ts[-1])
+
+
+def dpm_pp_singlestep_golden(M: Net, x, t, order=2):
+    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, r = 1/2): u at lambda_s + r h from the first-order update,
+    D = (1 - 1/(2r)) x0(x_s) + 1/(2r) x0(u); order 1 is the first-order update.  Then x0 at t[-1]."""
+    ts = _times(t)
+    r = 0.5
+    for i in range(len(ts) - 1):
+        ls, lt = M.lam(ts[i]), M.lam(ts[i + 1])
+        h = lt - ls
+        m_s = M.x0_pred(x, ts[i])
+        D = m_s
+        if order == 2:
+            s_mid = M.t_of_lam(ls + r * h)
+            u = (M.sigma(s_mid) / M.sigma(ts[i])) * x - M.alpha(s_mid) * (math.exp(-r * h) - 1) * m_s
+            D = (1 - 1 / (2 * r)) * m_s + 1 / (2 * r) * M.x0_pred(u, s_mid)
+        x = (M.sigma(ts[i + 1]) / M.sigma(ts[i])) * x - M.alpha(ts[i + 1]) * (math.exp(-h) - 1) * D
+    return M.x0_pred(x, ts[-1])
+
+
+# ------------------------------------------------------------------------------ UniPC (Zhao et al. 2023)
+def _unipc_weights(rs, h, B, n_cond):
+    """a with sum_m a_m r_m^(k-1) = -k! I_k / (B h^k), k = 1..n_cond.  With D_m / r_m = sum_k x0^(k) h^k r_m^(k-1)/k!
+    the update term -alpha_t B sum_m a_m D_m / r_m then equals alpha_t sum_{k=1..n_cond} I_k x0^(k), the exact
+    solution's terms (Zhao et al. 2023, eq. 8-9: R_p a_p = g_p / B(h))."""
+    I = _integral_weights(h, n_cond)
+    R = np.array([[r ** (k - 1) for r in rs] for k in range(1, n_cond + 1)], dtype=np.float64)
+    rhs = np.array([-math.factorial(k) * I[k] / (B * h ** k) for k in range(1, n_cond + 1)])
+    return np.linalg.solve(R, rhs)
+
+
+def unipc_golden(M: Net, x, t, order=2, variant="bh2", lower_order_final=True):
+    """UniPC-p, data prediction, B(h) = h (bh1) or e^h - 1 (bh2), both at -h for data prediction.
+    UniP-k uses the k-1 previous predictions (k = 2: a = 1/2, the paper's choice); UniC-k adds the new
+    prediction at t_{i+1} with r = 1 (k = 1: a = 1/2).  The corrected state replaces the predicted one; the
+    evaluation at t_{i+1} is reused as the next history point; no corrector after the last interval."""
+    ts = _times(t)
+    n = len(ts)
+    lams = [M.lam(v) for v in ts]
+    hist = [M.x0_pred(x, ts[0])]
+    m_new = hist[0]
+    for i in range(n - 1):
+        k = min(order, i + 1)
+        if lower_order_final and i == n - 2:
+            k = min(k, 2)
+        h = lams[i + 1] - lams[i]
+        B = -h if variant == "bh1" else math.expm1(-h)
+        a_t, m0 = M.alpha(ts[i + 1]), hist[0]
+        rs = [(lams[i - m] - lams[i]) / h for m in range(1, k)]
+        Ds = [(hist[m] - m0) / r for m, r in zip(range(1, k), rs)]
+        base = (M.sigma(ts[i + 1]) / M.sigma(ts[i])) * x + a_t * (1 - math.exp(-h)) * m0
+        if k == 1:
+            a_p = []
+        elif k == 2:
+            a_p = [0.5]
+        else:
+            a_p = list(_unipc_weights(rs, h, B, k - 1))
+        x_pred = base - a_t * B * sum((float(a) * d for a, d in zip(a_p, Ds)), torch.zeros_like(x))
+        m_new = M.x0_pred(x_pred, ts[i + 1])
+        if i < n - 2:
+            a_c = [0.5] if k == 1 else list(_unipc_weights(rs + [1.0], h, B, k))
+            corr = sum((float(a) * d for a, d in zip(a_c[:-1], Ds)), torch.zeros_like(x))
+            corr = corr + float(a_c[-1]) * (m_new - m0)
+            x_pred = base - a_t * B * corr
+        x = x_pred
+        hist = [m_new] + hist[:order - 1]
+    return m_new
+
+
+# ------------------------------------------------------------------------------------------ stochastic
+def euler_maruyama_golden(M: Net, x, t, rng):
+    """Song et al. 2021, eq. 6: dx = [f x - g^2 score] dt + g dW-bar, Euler-Maruyama with dt < 0,
+    score = -eps/sigma; the Brownian increment is sqrt|dt| z.  Then x0 at t[-1]."""
+    ts = _times(t)
+    for n in range(len(ts) - 1):
+        t0, t1 = ts[n], ts[n + 1]
+        dt = t1 - t0
+        score = -M.eps(x, t0) / M.sigma(t0)
+        z = rng.increment(x, t[n], t[n + 1])
+        x = x + (M.f(t0) * x - M.g2(t0) * score) * dt + math.sqrt(M.g2(t0)) * math.sqrt(-dt) * z
+    return M.x0_pred(x, ts[-1])
+
+
+def ancestral_golden(M: Net, x, t, rng, variant="ddpm", eta=1.0):
+    """'ddpm': DDIM, Song et al. 2021a, eq. 12 with sigma_t(eta) of eq. 16, in DDPM's notation
+    abar = alpha^2, sqrt(1 - abar) = sigma (VP): eta = 1 is Ho et al. 2020, Alg. 2.
+    'euler': k-diffusion's Euler-ancestral in sigma_hat: sigma_up = min(s_to, eta s_to sqrt(1 - s_to^2/s_from^2)),
+    sigma_down = sqrt(s_to^2 - sigma_up^2), Euler step to sigma_down, then + sigma_up z.  Then x0 at t[-1]."""
+    ts = _times(t)
+    for n in range(len(ts) - 1):
+        tf, tt = ts[n], ts[n + 1]
+        e = M.eps(x, tf)
+        z = rng.increment(x, t[n], t[n + 1])
+        if variant == "ddpm":
+            ab_f, ab_t = M.alpha(tf) ** 2, M.alpha(tt) ** 2
+            sd_f, sd_t = M.sigma(tf), M.sigma(tt)             # sqrt(1 - abar)
+            s_eta = eta * (sd_t / sd_f) * math.sqrt(1 - ab_f / ab_t)
+            x0 = (x - sd_f * e) / math.sqrt(ab_f)
+            x = math.sqrt(ab_t) * x0 + math.sqrt(sd_t ** 2 - s_eta ** 2) * e + s_eta * z
+        else:
+            s_f, s_t = M.sig_hat(tf), M.sig_hat(tt)
+            up = min(s_t, eta * math.sqrt(s_t ** 2 * (s_f ** 2 - s_t ** 2) / s_f ** 2))
+            down = math.sqrt(s_t ** 2 - up ** 2)
+            xh = x / M.alpha(tf)
+            d = e                                            # (x_hat - D(x_hat; s_f)) / s_f
+            xh = xh + (down - s_f) * d + up * z
+            x = xh * M.alpha(tt)
+    return M.x0_pred(x, ts[-1])
+
+
+def edm_stochastic_golden(M: Net, x, t, rng, S_churn=30.0, S_min=0.01, S_max=1.0, S_noise=1.007):
+    """Karras et al. 2022, Algorithm 2 in sigma_hat (x_hat = x/alpha), N = len(t) noise levels and t_N = 0:
+    gamma_i = min(S_churn/N, sqrt(2) - 1) on [S_tmin, S_tmax]; t_hat = t_i (1 + gamma_i);
+    x_hat += sqrt(t_hat^2 - t_i^2) S_noise z; Euler step from t_hat, Heun correction unless t_{i+1} = 0."""
+    ts = _times(t)
+    N = len(ts)
+    sig = [M.sig_hat(v) for v in ts] + [0.0]
+
+    def D(xh, s):
+        tt = M.t_of_sig_hat(s)
+        return xh - s * M.eps(M.alpha(tt) * xh, tt)
+
+    xi = x / M.alpha(ts[0])
+    for i in range(N):
+        gamma = min(S_churn / N, 2 ** 0.5 - 1) if S_min <= sig[i] <= S_max else 0.0
+        s_hat = sig[i] + gamma * sig[i]
+        if gamma > 0:
+            xi = xi + math.sqrt(s_hat ** 2 - sig[i] ** 2) * S_noise * rng.randn_like(xi)
+        d = (xi - D(xi, s_hat)) / s_hat
+        x_next = xi + (sig[i + 1] - s_hat) * d
+        if sig[i + 1] != 0:
+            d2 = (x_next - D(x_next, sig[i + 1])) / sig[i + 1]
+            x_next = xi + (sig[i + 1] - s_hat) * (0.5 * d + 0.5 * d2)
+        xi = x_next
+    return xi
+
+
+def pc_golden(M: Net, x, t, rng, predictor="reverse_diffusion", snr=0.16, n_corrector=1, step_size="norms"):
+    """Song et al. 2021, Alg. 2/3 with the VP predictor and corrector of Alg. 5 (vp schedule):
+    reverse diffusion x <- (2 - sqrt(1 - beta_i)) x + beta_i s(x, t_i) + sqrt(beta_i) z with the discrete
+    1 - beta_i = (alpha(t_i)/alpha(t_{i+1}))^2 of the grid; or an Euler-Maruyama predictor (eq. 6).
+    Langevin corrector at t_{i+1}: eps_L = 2 (snr ||z|| / ||s||)^2 per sample ('norms', Alg. 4/5 with the
+    alpha_i factor taken as 1) or 2 snr^2 sigma(t)^2 ('sigma2'); x <- x + eps_L s + sqrt(2 eps_L) z.
+    Then x0 at t[-1]."""
+    ts = _times(t)
+    for n in range(len(ts) - 1):
+        t0, t1 = ts[n], ts[n + 1]
+        if predictor == "reverse_diffusion":
+            beta = 1 - (M.alpha(t0) / M.alpha(t1)) ** 2
+            s = -M.eps(x, t0) / M.sigma(t0)
+            z = rng.increment(x, t[n], t[n + 1])
+            x = (2 - math.sqrt(1 - beta)) * x + beta * s + math.sqrt(beta) * z
+        else:
+            dt = t1 - t0
+            s = -M.eps(x, t0) / M.sigma(t0)
+            z = rng.increment(x, t[n], t[n + 1])
+            x = x + (M.f(t0) * x - M.g2(t0) * s) * dt + math.sqrt(M.g2(t0) * -dt) * z
+        for _ in range(n_corrector):
+            z = rng.randn_like(x)
+            s = -M.eps(x, t1) / M.sigma(t1)
+            if step_size == "norms":
+                e = 2 * (snr * z.norm(dim=1) / s.norm(dim=1)) ** 2
+                e = e[:, None]
+            else:
+                e = 2 * snr ** 2 * M.sigma(t1) ** 2
+            x = x + e * s + (2 * e) ** 0.5 * z
+    return M.x0_pred(x, ts[-1])
+
+
+# ------------------------------------------------------------------------------------------ dispatcher
+def golden(name: str, M: Net, x, t, rng, **knobs):
+    """The golden of registered solver `name` with its knobs (defaults as in conf/solver/NAME.yaml)."""
+    if name in TABLEAUS:
+        variable = knobs.get("variable", "sigma_hat")
+        if name == "heun" and variable == "sigma_hat":
+            return edm_heun_golden(M, x, t)
+        return rk_golden(M, x, t, name, variable)
+    if name == "ab":
+        return ab_golden(M, x, t, **knobs)
+    if name == "dpm_solver":
+        return dpm_solver_golden(M, x, t, **knobs)
+    if name == "dpm_solver_pp":
+        k = dict(knobs)
+        if k.pop("method", "multistep") == "singlestep":
+            return dpm_pp_singlestep_golden(M, x, t, order=k.get("order", 2))
+        return dpm_pp_multistep_golden(M, x, t, **k)
+    if name == "unipc":
+        return unipc_golden(M, x, t, **knobs)
+    if name == "euler_maruyama":
+        return euler_maruyama_golden(M, x, t, rng)
+    if name == "ancestral":
+        return ancestral_golden(M, x, t, rng, **knobs)
+    if name == "edm_stochastic":
+        return edm_stochastic_golden(M, x, t, rng, **knobs)
+    if name == "pc":
+        return pc_golden(M, x, t, rng, **knobs)
+    raise KeyError(f"no golden algorithm for solver '{name}'")

@@ -1,0 +1,189 @@
+"""Golden steps: every registered solver, with each order / variant knob, against its published algorithm written
+out independently in tests/golden_algorithms.py, on the exact GMM model in float64 over a short grid.
+
+The convergence-order tests are slow and blind to a change of a coefficient that keeps the order; these cases take
+milliseconds and fail when any coefficient moves by more than ~1e-12 relative.  Stochastic solvers get a stub
+generator handing out the same pre-drawn normals to both sides, and the order and kind of their draws
+(rng.increment over which interval, or rng.randn_like) must agree too, as must the counted NFE.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bench.models.dynamics import Dynamics
+from bench.solvers.registry import SOLVERS, get_solver
+from bench.solvers.timesteps import make_timesteps
+
+from golden_algorithms import Net, StubRNG, golden
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "solver"
+RTOL = 1e-12
+NO_GOLDEN = {"dopri5": "torchdiffeq's adaptive solvers, tested against torchdiffeq itself",
+             "diffusers": "a wrapper around diffusers' schedulers, tested by its own module"}
+
+GRIDS = {
+    "G4": [1.0, 0.6, 0.3, 1e-3],
+    "G6": [1.0, 0.7, 0.45, 0.25, 0.1, 1e-3],
+    "G5edm": [1.0, 0.5, 0.2, 0.05, 1e-3],          # sigma_hat 152, 3.6, 0.72, 0.16, 0.0105: churn range [0.01, 1] hit
+    "default4": 4,                                  # the solver's own default time steps with that many points
+    "default6": 6,
+}
+
+RK = ["euler", "heun", "midpoint", "ralston", "rk3", "rk4"]
+VARIABLES = ["sigma_hat", "t", "lambda"]
+
+
+def _cases():
+    c = []
+    for name in RK:
+        for v in VARIABLES:
+            for g in ("G4", "default4"):
+                c.append((name, {"variable": v}, g))
+    for order in (1, 2, 3, 4):
+        for ipndm in (False, True):
+            for v in VARIABLES:
+                c.append(("ab", {"order": order, "ipndm": ipndm, "variable": v}, "G6"))
+            c.append(("ab", {"order": order, "ipndm": ipndm}, "default6"))
+    for order in (1, 2, 3):
+        for g in ("G4", "default4"):
+            c.append(("dpm_solver", {"order": order, "fast": False}, g))
+    for g in ("G4", "default4", "default6"):
+        c.append(("dpm_solver", {"fast": True}, g))
+    for order in (1, 2, 3):
+        for lof in (True, False):
+            for d2 in (("taylor", "dpm_solver_code") if order == 3 else ("taylor",)):
+                for g in ("G6", "default6"):
+                    c.append(("dpm_solver_pp", {"order": order, "method": "multistep", "lower_order_final": lof,
+                                                "d2": d2}, g))
+    c.append(("dpm_solver_pp", {"order": 3, "method": "multistep", "lower_order_final": False, "d2": "taylor"}, "G4"))
+    for order in (1, 2):
+        for g in ("G4", "default4"):
+            c.append(("dpm_solver_pp", {"order": order, "method": "singlestep"}, g))
+    for order in (1, 2, 3):
+        for variant in ("bh1", "bh2"):
+            for lof in (True, False):
+                for g in ("G6", "default6"):
+                    c.append(("unipc", {"order": order, "variant": variant, "lower_order_final": lof}, g))
+    c.append(("unipc", {"order": 3, "variant": "bh2", "lower_order_final": False}, "G4"))
+    for g in ("G4", "default4"):
+        c.append(("euler_maruyama", {}, g))
+    for variant, eta in (("ddpm", 1.0), ("ddpm", 0.3), ("ddpm", 0.0), ("euler", 0.0), ("euler", 0.5), ("euler", 1.0),
+                         ("euler", 2.5)):
+        for g in ("G4", "default4"):
+            c.append(("ancestral", {"variant": variant, "eta": eta}, g))
+    for knobs in ({}, {"S_churn": 1.0}, {"S_churn": 1.0, "S_noise": 1.0}, {"S_min": 0.1, "S_max": 5.0},
+                  {"S_churn": 0.0}, {"S_churn": 100.0, "S_noise": 0.9}):
+        for g in ("G5edm", "default6"):
+            c.append(("edm_stochastic", knobs, g))
+    for predictor in ("reverse_diffusion", "euler_maruyama"):
+        for step_size in ("norms", "sigma2"):
+            for nc in (0, 1, 2):
+                c.append(("pc", {"predictor": predictor, "step_size": step_size, "n_corrector": nc}, "G4"))
+            c.append(("pc", {"predictor": predictor, "step_size": step_size, "snr": 0.3}, "default4"))
+    return c
+
+
+CASES = _cases()
+
+# Every value of each order/variant knob must appear in some case (so a new value needs a golden too).
+REQUIRED = {
+    **{name: {"variable": set(VARIABLES)} for name in RK},
+    "ab": {"order": {1, 2, 3, 4}, "ipndm": {True, False}, "variable": set(VARIABLES)},
+    "dpm_solver": {"order": {1, 2, 3}, "fast": {True, False}},
+    "dpm_solver_pp": {"order": {1, 2, 3}, "method": {"multistep", "singlestep"}, "lower_order_final": {True, False},
+                      "d2": {"taylor", "dpm_solver_code"}},
+    "unipc": {"order": {1, 2, 3}, "variant": {"bh1", "bh2"}, "lower_order_final": {True, False}},
+    "ancestral": {"variant": {"ddpm", "euler"}},
+    "pc": {"predictor": {"reverse_diffusion", "euler_maruyama"}, "step_size": {"norms", "sigma2"}},
+}
+
+
+def yaml_knobs(name):
+    path = CONF / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "name"}
+
+
+def _id(case):
+    name, knobs, grid = case
+    return "-".join([name, *(f"{k}={v}" for k, v in knobs.items()), grid])
+
+
+def _grid(model, spec, grid):
+    g = GRIDS[grid]
+    if isinstance(g, int):
+        return make_timesteps(spec.default_timesteps, model.schedule, g)
+    return torch.tensor(g, dtype=torch.float64)
+
+
+def _x_T(model, n=6):
+    gen = torch.Generator().manual_seed(20240)
+    return torch.randn(n, *model.shape, dtype=torch.float64, generator=gen) * model.schedule.prior_std()
+
+
+def run_both(model, name, knobs, t, x_T):
+    spec = get_solver(name)
+    full = {**yaml_knobs(name), **knobs}
+    dyn = Dynamics(model.net, model.schedule)
+    rng_solver, rng_golden = StubRNG(7), StubRNG(7)
+    with torch.inference_mode():
+        out = spec.fn(dyn, x_T.clone(), t.clone(), rng_solver, **full)
+        M = Net(model)
+        ref = golden(name, M, x_T.clone(), t.clone(), rng_golden, **full)
+    return out, ref, dyn.nfe, M.calls, rng_solver.log, rng_golden.log, spec.nfe_of_steps(len(t), **full)
+
+
+def assert_golden(out, ref, rtol=RTOL):
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    err, scale = float((out - ref).abs().max()), float(ref.abs().max())
+    assert torch.isfinite(ref).all() and scale > 0
+    assert err <= rtol * scale, f"max |solver - golden| = {err:.3e}, {err / scale:.3e} of max |golden| = {scale:.3e}"
+
+
+@pytest.mark.parametrize("name,knobs,grid", CASES, ids=[_id(c) for c in CASES])
+def test_golden_step(gmm_model, name, knobs, grid):
+    spec = get_solver(name)
+    t = _grid(gmm_model, spec, grid)
+    out, ref, nfe, golden_nfe, log_s, log_g, declared = run_both(gmm_model, name, knobs, t, _x_T(gmm_model))
+    assert log_s == log_g, "the solver draws its noise in another order or through another method than the paper"
+    assert nfe == golden_nfe == declared, (nfe, golden_nfe, declared)
+    assert_golden(out, ref)
+
+
+def test_every_registered_solver_has_a_golden_case():
+    import bench.solvers.all  # noqa: F401
+    covered = {name for name, _, _ in CASES}
+    missing = sorted(set(SOLVERS) - set(NO_GOLDEN) - covered)
+    assert not missing, f"solvers without a golden step in tests/test_golden_steps.py: {missing}"
+
+
+def test_every_order_and_variant_knob_value_has_a_golden_case():
+    seen: dict = {}
+    for name, knobs, _ in CASES:
+        for k, v in {**yaml_knobs(name), **knobs}.items():
+            seen.setdefault(name, {}).setdefault(k, set()).add(v)
+    for name, req in REQUIRED.items():
+        for k, vals in req.items():
+            assert vals <= seen.get(name, {}).get(k, set()), (name, k, vals - seen.get(name, {}).get(k, set()))
+
+
+def test_golden_cases_are_not_trivial(gmm_model):
+    """Each knob value changes the output on its grid, so the cases above can tell the variants apart."""
+    t = _grid(gmm_model, get_solver("unipc"), "G6")
+    x_T = _x_T(gmm_model)
+    outs = {}
+    for key, (name, knobs) in {
+        "pp3_taylor": ("dpm_solver_pp", {"order": 3, "d2": "taylor"}),
+        "pp3_code": ("dpm_solver_pp", {"order": 3, "d2": "dpm_solver_code"}),
+        "uni3_bh1": ("unipc", {"order": 3, "variant": "bh1", "lower_order_final": False}),
+        "uni3_bh2": ("unipc", {"order": 3, "variant": "bh2", "lower_order_final": False}),
+        "uni3_lof": ("unipc", {"order": 3, "variant": "bh2", "lower_order_final": True}),
+    }.items():
+        outs[key] = run_both(gmm_model, name, knobs, t, x_T)[0]
+    for a, b in (("pp3_taylor", "pp3_code"), ("uni3_bh1", "uni3_bh2"), ("uni3_bh2", "uni3_lof")):
+        assert float((outs[a] - outs[b]).abs().max()) > 1e-6, (a, b)
