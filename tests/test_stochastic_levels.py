@@ -27,17 +27,7 @@ from bench.solvers.timesteps import make_timesteps
 Z = 4.5
 
 
-class BatchRNG:
-    """One generator for the whole batch (fast for thousands of samples; per-sample streams are tested elsewhere)."""
-
-    def __init__(self, seed):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def randn_like(self, x):
-        return torch.randn(x.shape, generator=self.g, dtype=x.dtype)
-
-    def increment(self, x, t_from, t_to):
-        return self.randn_like(x)
+from tests.test_solvers_stochastic import BatchRNG  # noqa: E402  (one generator for the whole batch)
 
 
 # ------------------------------------------------------------------------------------- exact moments
