@@ -131,7 +131,7 @@ def _theory_fitted(line):
     return int(float(tokens[i])), float(tokens[i + 1])
 
 
-def test_user_sampler_undeclared_nfe_and_bad_knobs(user_project, tmp_path):
+def test_user_sampler_undeclared_nfe(user_project, tmp_path):
     sp = f"hydra.searchpath=[file://{user_project / 'conf'}]"
     res = tmp_path / "results"
     common = ["model=gmm", "solver=my_heun", "nfe=9", sp, "n_samples=8", "metrics=[]", f"results_dir={res}"]
@@ -139,14 +139,27 @@ def test_user_sampler_undeclared_nfe_and_bad_knobs(user_project, tmp_path):
     assert r.returncode == 1
     (row,) = _rows(res)
     assert row[3] == "failed" and "evaluated the network 10 times, more than the 9 it declares" in row[4]
+    assert len(_rows(res)) == 1
+
+
+def test_user_sampler_bad_knobs(user_project, tmp_path, monkeypatch):
+    """The same command line in this process (from the user's directory, their package importable)."""
+    from tests.test_faults import run_cli
+    monkeypatch.chdir(user_project)
+    monkeypatch.syspath_prepend(str(user_project))
+    for mod in ("solvers", "solvers.mine", "models", "models.schedules"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    res = tmp_path / "results"
+    common = ["model=gmm", "solver=my_heun", "nfe=9", "hydra.searchpath=[file://conf]", "n_samples=8", "metrics=[]",
+              f"results_dir={res}"]
     for bad, needle in [("+solver.foo=1", "solver 'my_heun' has no knob 'foo'. Its knobs (with defaults) are: "
                                           "extra_eval=False, blend=1.0"),
                         ("solver.blend=abc", "knob blend='abc' is of type str, but blend takes type float"),
                         ("seed=-1", "seed"), ("seed=abc", "seed")]:
-        r = _bench(user_project, "run", *common, bad)
-        assert r.returncode == 2, (bad, r.stdout, r.stderr[-2000:])
-        assert needle in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
-    assert len(_rows(res)) == 1                                  # no row for any bad input
+        rc, out, err = run_cli("run", *common, bad)
+        assert rc == 2, (bad, out, err[-2000:])
+        assert needle in err and "Traceback" not in err, (bad, err[-2000:])
+    assert not (res / "results.sqlite").exists() or len(_rows(res)) == 0     # no row for any bad input
 
 
 def test_unknown_user_solver_names_searchpath(user_project):
@@ -182,13 +195,15 @@ def test_plugin_solver_by_entry_point(user_project, tmp_path):
     assert "scale" in knobs["plug_ddim"]                                # its keyword defaults are its config
 
 
-def test_shell_completion_of_the_console_script(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    q = lambda line: subprocess.run([sys.executable, "-m", "bench", "-sc", "query=bash"], cwd=tmp_path,  # noqa: E731
-                                    env={**env, "COMP_LINE": line, "COMP_POINT": str(len(line))},
-                                    capture_output=True, text=True, timeout=120).stdout.split()
+def test_shell_completion_of_the_console_script(tmp_path, monkeypatch):
+    from tests.test_faults import run_cli
+    monkeypatch.chdir(tmp_path)
+
+    def q(line):
+        monkeypatch.setenv("COMP_LINE", line)
+        monkeypatch.setenv("COMP_POINT", str(len(line)))
+        return run_cli("-sc", "query=bash")[1].split()
     assert "solver=dpm_solver_pp" in q("bench run solver=dp") and "solver=heun" not in q("bench run solver=dp")
     assert "run" in q("bench r") and "report" in q("bench r")
-    inst = subprocess.run([sys.executable, "-m", "bench", "-sc", "install=bash"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120).stdout
+    inst = run_cli("-sc", "install=bash")[1]
     assert "complete -o nospace -o default -F hydra_bash_completion bench" in inst
