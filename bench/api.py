@@ -127,10 +127,7 @@ def sample(model="digits", solver: str | dict = "heun", nfe: int = 18, n_samples
     spec, knobs_, _, steps, ts_name, ts_cfg, loaded, t = plan(cfg)
     dev, dt = resolve_device(device), DTYPES[dtype]
     x_T, x0, nfes, secs = generate(loaded, spec, knobs_, t, n_samples, cfg["batch_size"], seed, dev, dt)
-    declared = spec.nfe_of_steps(steps, **knobs_)
-    if max(nfes) > declared:
-        raise RuntimeError(f"solver '{spec.name}' evaluated the network {max(nfes)} times, more than the "
-                           f"{declared} it declares for {steps} steps (NFE = {spec.nfe_formula})")
+    spec.check_counted(max(nfes), steps, **knobs_)
     cfg["timesteps"] = {"name": ts_name, **ts_cfg}
     return SampleResult(x0, x_T, nfes[0], steps, t, secs, loaded, spec, knobs_, cfg)
 

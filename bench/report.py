@@ -49,9 +49,6 @@ def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-latest_cells = newest_per_cell      # the name older callers use
-
-
 def _protocol(row, metric: str) -> dict:
     p = row.get("protocols")
     p = json.loads(p) if isinstance(p, str) else p
@@ -169,17 +166,12 @@ def table_markdown(a: pd.DataFrame, col, ident: dict, orders: dict) -> str:
     n_txt = f"n = {ident['n_samples']} samples" + (f" (this metric uses the first {own_n})"
                                                    if own_n and own_n != ident["n_samples"] else "")
     cap = (f"{col.label}{' [' + col.unit + ']' if col.unit else ''}, {'lower' if col.better == 'lower' else 'higher'} "
-           f"is better; value ± standard error ({_se_kind(col)}); {n_txt}, dtype {ident['dtype']}, "
+           f"is better; value ± standard error ({col.se_how or 'as declared'}; over seeds where several); {n_txt}, dtype {ident['dtype']}, "
            f"seeds {', '.join(map(str, seeds))}")
     if orders:
         rng = sorted({o["range"] for o in orders.values()})
         cap += f"; order = least-squares slope over counted NFE {', '.join(f'{lo}-{hi}' for lo, hi in rng)}"
     return "\n".join([cap + ".", "", head, sep, *body, "", f"<sub>protocol: `{json.dumps(proto, sort_keys=True)}`</sub>", ""])
-
-
-def _se_kind(col) -> str:
-    return {"fid": "bootstrap over samples", "trunc_rms": "over samples", "trunc_strong_rms": "over samples",
-            "nll_bpd": "over points"}.get(col.name, "as the metric declares") + "; over seeds where several"
 
 
 def plot_table(a: pd.DataFrame, col, ident: dict, orders: dict, floor: tuple | None, path: Path, model: str) -> None:
@@ -226,7 +218,7 @@ def plot_table(a: pd.DataFrame, col, ident: dict, orders: dict, floor: tuple | N
     ax.set_ylabel(col.label + (f" [{col.unit}]" if col.unit else ""))
     ax.set_title(f"{model}: {col.label} against NFE\nn = {ident['n_samples']} samples; error bars ± 1 standard error",
                  fontsize=9)
-    if floor is None and col.floor:
+    if floor is None and col.floors:
         ax.text(0.01, 0.01, "no real-data floor at this sample count", transform=ax.transAxes, fontsize=7,
                 color="0.4")
     ax.grid(True, which="both", alpha=0.3)
@@ -237,17 +229,15 @@ def plot_table(a: pd.DataFrame, col, ident: dict, orders: dict, floor: tuple | N
 
 
 def floor_of(g: pd.DataFrame, col, n: int):
-    """(value, label) of the real-data floor at sample count n, or None: fid_real_test where it was measured at n;
-    on models with exact moments, fid_exact_samples (exact samples at the row's own count)."""
-    if col.floor and col.floor in g and col.floor_n in g:
-        m = g[pd.to_numeric(g[col.floor_n], errors="coerce") == n]
-        v = pd.to_numeric(m[col.floor], errors="coerce").dropna()
+    """(value, label) of the first declared floor measured at sample count n (a floor without a count column was
+    measured at the row's own count), or None."""
+    for fcol, ncol in col.floors:
+        if fcol not in g:
+            continue
+        m = g if ncol is None else g[pd.to_numeric(g.get(ncol), errors="coerce") == n]
+        v = pd.to_numeric(m[fcol], errors="coerce").dropna()
         if len(v):
-            return float(v.mean()), f"real held-out data, n = {n} (the floor)"
-    if col.name == "fid" and "fid_exact_samples" in g:
-        v = pd.to_numeric(g["fid_exact_samples"], errors="coerce").dropna()
-        if len(v):
-            return float(v.mean()), f"{n} exact samples (the estimator's bias)"
+            return float(v.mean()), f"{all_columns()[fcol].label}, n = {n}"
     return None
 
 

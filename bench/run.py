@@ -363,11 +363,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         nfe = max(nfes)       # adaptive (batch-coupled) solvers: each batch's count is kept in nfe_batches
         if len(set(nfes)) != 1:
             row["nfe_batches"] = nfes
-        declared = spec.nfe_of_steps(steps, **knobs)
-        if nfe > declared:
-            raise RuntimeError(f"solver '{spec.name}' evaluated the network {nfe} times, more than the {declared} "
-                               f"it declares for {steps} steps (NFE = {spec.nfe_formula}); fix its nfe formula "
-                               f"or the function")
+        spec.check_counted(nfe, steps, **knobs)
         if nfe > cfg["nfe"]:
             raise RuntimeError(f"solver '{spec.name}' spent {nfe} NFE, over its budget of {cfg['nfe']}")
         row.update(nfe=nfe, sampling_time_s=sampling_time)

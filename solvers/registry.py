@@ -83,6 +83,14 @@ class SolverSpec:
                               f"{self.min_steps} and NFE = {self.nfe_formula} = {need} within the budget nfe={nfe}.")
         return steps
 
+    def check_counted(self, nfe: int, steps: int, **knobs) -> None:
+        """A solver must not evaluate the network more often than its NFE formula declares for `steps`."""
+        declared = self.nfe_of_steps(steps, **knobs)
+        if nfe > declared:
+            raise RuntimeError(f"solver '{self.name}' evaluated the network {nfe} times, more than the {declared} "
+                               f"it declares for {steps} steps (NFE = {self.nfe_formula}); fix its nfe formula "
+                               f"or the function")
+
     def theoretical_order(self, **knobs):
         return self.order(**knobs) if callable(self.order) else self.order
 

@@ -62,6 +62,16 @@ def test_report_keeps_sample_counts_apart_and_aggregates_seeds(tmp_path):
     assert "9 ± 0.1" in md                                                    # the other protocol: its own table
 
 
+def test_fid_floor_only_at_the_matching_sample_count():
+    fid = all_columns()["fid"]
+    g = pd.DataFrame({"fid": [20.0, 21.0], "fid_real_test": [17.9, 17.9], "fid_real_test_n": [359, 359]})
+    assert rep.floor_of(g, fid, 1000) is None                 # measured at 359, not at the table's 1000
+    v, label = rep.floor_of(g, fid, 359)
+    assert v == 17.9 and "held-out real data" in label and "n = 359" in label
+    exact = pd.DataFrame({"fid": [0.2], "fid_exact_samples": [0.004]})   # gmm: exact samples at the row's own count
+    assert rep.floor_of(exact, fid, 256)[0] == 0.004
+
+
 def test_order_range_and_pre_asymptotic_flag():
     a = pd.DataFrame({"solver": ["s"] * 4, "nfe": [5, 10, 20, 40], "value": [1.0, 0.9, 0.25, 0.0625]})
     o = rep.order_fit(a)["s"]

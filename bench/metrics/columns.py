@@ -20,8 +20,9 @@ class Column:
     order: bool = False               # an error that falls like NFE^-p: fit and show the order p
     change: str | None = None         # how compare measures a change: "relative" | "absolute" | "ratio"
     tol: str | None = None            # which tolerance of `bench compare` applies: "fid" | "nll" | "err"
-    floor: str | None = None          # a bookkeeping column holding the value a perfect sampler would get
-    floor_n: str | None = None        # ... and the sample count it was measured at
+    se_how: str = ""                  # how the standard error is computed, for table captions
+    floors: tuple = ()                # (column, its sample-count column or None = the row's n_samples): values a
+                                      # perfect sampler would get, drawn on plots at the matching sample count
     nfe_dependent: str | None = None  # protocol key whose value says the column depends on the solver (nll: solver)
 
 

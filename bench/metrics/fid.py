@@ -102,13 +102,13 @@ def bootstrap_se(feats, mu_ref, cov_ref, n_boot: int, seed: int) -> float:
 @register_metric("fid")
 class FID(Metric):
     columns = (
-        quality("fid", "FID", "", "fid_se", "relative", "fid", log=True, floor="fid_real_test",
-                floor_n="fid_real_test_n"),
+        quality("fid", "FID", "", "fid_se", "relative", "fid", log=True, se_how="bootstrap over samples",
+                floors=(("fid_real_test", "fid_real_test_n"), ("fid_exact_samples", None))),
         book("fid_se", "standard error of fid (bootstrap over samples)"),
         book("fid_n_ref", "real samples in the reference statistics", "samples"),
-        book("fid_real_test", "FID of held-out real data (the floor at fid_real_test_n samples)"),
+        book("fid_real_test", "FID of held-out real data (the floor)"),
         book("fid_real_test_n", "held-out real samples scored for the floor", "samples"),
-        book("fid_exact_samples", "FID of as many exact samples (the estimator's bias; gmm)"),
+        book("fid_exact_samples", "FID of as many exact samples (the estimator's bias)"),
     )
 
     def __init__(self, real_split: str = "train", n_ref: int | None = None, inception_weights: str | None = None,

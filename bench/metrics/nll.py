@@ -149,7 +149,8 @@ def dequantize(x, model, seed, indices):
 @register_metric("nll")
 class NLL(Metric):
     columns = (
-        quality("nll_bpd", "NLL (bits/dim)", "bits/dim", "nll_bpd_se", "absolute", "nll", nfe_dependent="solver"),
+        quality("nll_bpd", "NLL (bits/dim)", "bits/dim", "nll_bpd_se", "absolute", "nll", nfe_dependent="solver",
+                se_how="over the points"),
         book("nll_bpd_se", "standard error of nll_bpd over the points", "bits/dim"),
         book("nll_nfe", "NFE of the likelihood solve", "NFE"),
         book("nll_bpd_exact", "analytic -log2 p(x)/D on the same points (gmm)", "bits/dim"),

@@ -106,10 +106,10 @@ def strong_error(fn, model, x_T, t, seed, indices, refine, knobs=None, dtype=tor
 class TruncationError(Metric):
     columns = (
         quality("trunc_rms", "truncation error (RMS per dim)", "", "trunc_rms_se", "ratio", "err", log=True,
-                order=True),
+                order=True, se_how="over samples, delta method"),
         book("trunc_rms_se", "standard error of trunc_rms over samples (delta method)"),
         quality("trunc_strong_rms", "strong error of stochastic solvers (RMS, same Brownian path)", "",
-                "trunc_strong_rms_se", "ratio", "err", log=True, order=True),
+                "trunc_strong_rms_se", "ratio", "err", log=True, order=True, se_how="over samples, delta method"),
         book("trunc_strong_rms_se", "standard error of trunc_strong_rms over samples"),
         book("trunc_ref_nfe", "NFE of the reference solve", "NFE"),
         book("trunc_local_profile", "one-step local error per step"),
