@@ -30,6 +30,8 @@ class Case:
     timesteps: str | None = None        # None: the solver's default schedule
     fn: str | None = None               # 'package.module:function' of a solver defined by its YAML (a user's sampler)
     meta: tuple = ()                    # that YAML's nfe, order, min_steps, ... as (key, value) pairs
+    schedule: str = "vp_linear"         # the gmm model's noise schedule (measure() solves its own problem)
+    t_min: float | None = None          # the schedule's last time, where not its default 1e-3
 
 
 CASES = [
@@ -41,6 +43,16 @@ CASES = [
     Case("ab order=2", "ab", {"order": 2}, P2_LONG),
     Case("ab order=3", "ab", {"order": 3}, P2_LONG),
     Case("ab order=4", "ab", {"order": 4}, P2_LONG),
+    # AB's Runge-Kutta start-up keeps order k in every variable; Euler start-up ('lower') caps it at 2, reached at
+    # these budgets in t and lambda (in sigma_hat only far beyond them: see solvers/multistep.py)
+    Case("ab order=3 variable=t", "ab", {"order": 3, "variable": "t"}, P2_LONG),
+    Case("ab order=4 variable=t", "ab", {"order": 4, "variable": "t"}, P2_LONG),
+    Case("ab order=3 variable=lambda", "ab", {"order": 3, "variable": "lambda"}, P2_LONG),
+    Case("ab order=4 variable=lambda", "ab", {"order": 4, "variable": "lambda"}, P2_LONG),
+    Case("ab order=4 startup=lower variable=t", "ab", {"order": 4, "startup": "lower", "variable": "t"},
+         (1024, 2048, 4096)),
+    Case("ab order=4 startup=lower variable=lambda", "ab", {"order": 4, "startup": "lower", "variable": "lambda"},
+         (1024, 2048, 4096)),
     Case("ab order=3 ipndm", "ab", {"order": 3, "ipndm": True}),
     Case("ab order=4 ipndm", "ab", {"order": 4, "ipndm": True}),
     Case("dpm_solver order=1", "dpm_solver", {"order": 1}),
@@ -54,19 +66,37 @@ CASES = [
     Case("unipc order=1 bh2", "unipc", {"order": 1}),
     Case("unipc order=2 bh1", "unipc", {"order": 2, "variant": "bh1"}),
     Case("unipc order=2 bh2", "unipc", {"order": 2, "variant": "bh2"}),
-    Case("unipc order=3 bh2", "unipc", {"order": 3}, (256, 384, 512, 768, 1024)),
+    # lower_order_final (default) ends with a UniP-2 step without corrector: order 3.  Its error shows only where
+    # x0(lambda) still bends at t_min: invisible at the default t_min = 1e-3 up to NFE 1024 (3.92), clear at 0.2
+    Case("unipc order=3 bh2 t_min=0.2", "unipc", {"order": 3}, (128, 256, 512), t_min=0.2),
+    Case("unipc order=3 bh1 t_min=0.2", "unipc", {"order": 3, "variant": "bh1"}, (128, 256, 512), t_min=0.2),
+    Case("unipc order=1 lower_order_final=false", "unipc", {"order": 1, "lower_order_final": False}),
+    Case("unipc order=2 lower_order_final=false", "unipc", {"order": 2, "lower_order_final": False}),
+    Case("unipc order=3 bh2 lower_order_final=false", "unipc", {"order": 3, "lower_order_final": False},
+         (256, 384, 512, 768, 1024)),
+    Case("unipc order=3 bh1 lower_order_final=false", "unipc", {"order": 3, "variant": "bh1",
+                                                                 "lower_order_final": False}, (256, 384, 512, 768, 1024)),
+    Case("unipc order=3 bh2 lower_order_final=false t_min=0.2", "unipc", {"order": 3, "lower_order_final": False},
+         (256, 384, 512, 768, 1024), t_min=0.2),
     Case("dopri5 method=midpoint", "dopri5", {"method": "midpoint"}, (129, 257, 513, 1025)),
     Case("dopri5 method=rk4", "dopri5", {"method": "rk4"}, (81, 161, 321, 641)),
+    # sub-VP SDE (Song et al. 2021): lambda spans [-5.0, 9.1] against vp_linear's [-5.0, 4.6]; heun on logsnr steps,
+    # which end at t_min as the reference does (its edm default stops at sigma_hat = 0.002 > sigma_hat(t_min) = 1.1e-4)
+    Case("sub_vp heun", "heun", {}, (33, 65, 129, 257), "logsnr", schedule="sub_vp"),
+    Case("sub_vp dpm_solver order=2", "dpm_solver", {"order": 2}, (33, 65, 129, 257), schedule="sub_vp"),
+    Case("sub_vp dpm_solver_pp 2M", "dpm_solver_pp", {"order": 2}, P2, schedule="sub_vp"),
+    Case("sub_vp dpm_solver_pp 3M", "dpm_solver_pp", {"order": 3}, P2, schedule="sub_vp"),
+    Case("sub_vp unipc order=2 bh2", "unipc", {"order": 2, "variant": "bh2"}, P2, schedule="sub_vp"),
 ]
 
 
-def problem(n_samples: int = 64, seed: int = 0):
+def problem(n_samples: int = 64, seed: int = 0, schedule: str = "vp_linear"):
     """The gmm model, x_T (float64, per-sample RNG) and the reference x_0."""
     from bench.metrics.trunc import reference_solve
     from bench.models.registry import load_model
     from bench.solvers.rng import PerSampleRNG
 
-    model = load_model({"name": "gmm", "schedule": {"name": "vp_linear"}})
+    model = load_model({"name": "gmm", "schedule": {"name": schedule}})
     x_T = PerSampleRNG(seed, range(n_samples), dtype=torch.float64).randn(model.shape) * model.schedule.prior_std()
     ref, _ = reference_solve(model.net, model.schedule, x_T, model.schedule.T, model.schedule.t_min,
                              rtol=1e-11, atol=1e-11)
@@ -117,10 +147,32 @@ def user_cases(names, searchpath=()) -> list[Case]:
     return cases
 
 
+_OTHER_SCHEDULE: dict = {}
+
+
+def on_schedule(schedule: str, model, x_T, t_min: float | None = None):
+    """The problem of gmm on another noise schedule (or t_min) from the same normal draws (x_T rescaled to its prior
+    std)."""
+    from bench.metrics.trunc import reference_solve
+    from bench.models.registry import load_model
+
+    key = (schedule, t_min, tuple(x_T.shape), x_T.double().cpu().numpy().tobytes(), float(model.schedule.prior_std()))
+    if key not in _OTHER_SCHEDULE:
+        other = load_model({"name": "gmm", "schedule": {"name": schedule, **({"t_min": t_min} if t_min else {})}})
+        x = x_T / model.schedule.prior_std() * other.schedule.prior_std()
+        ref, _ = reference_solve(other.net, other.schedule, x, other.schedule.T, other.schedule.t_min,
+                                 rtol=1e-11, atol=1e-11)
+        _OTHER_SCHEDULE[key] = (other, x, ref)
+    return _OTHER_SCHEDULE[key]
+
+
 def measure(case: Case, model, x_T, ref):
-    """(fitted order, counted NFEs, RMS errors) of one case."""
+    """(fitted order, counted NFEs, RMS errors) of one case; a case on another schedule than `model`'s runs on
+    on_schedule(case.schedule, model, x_T)."""
     from bench.metrics.trunc import fit_order, rms
 
+    if model.schedule.name != case.schedule or case.t_min is not None:
+        model, x_T, ref = on_schedule(case.schedule, model, x_T, case.t_min)
     nfes, errs = [], []
     extra = {"fn": case.fn, "meta": case.meta} if case.fn else {}
     for b in case.budgets:
@@ -177,7 +229,7 @@ def main(argv=None) -> int:
         worst = 0.0
         for c in cases:
             if args.quick:
-                c = Case(c.label, c.solver, c.knobs, c.budgets[-2:], c.timesteps, c.fn, c.meta)
+                c = Case(c.label, c.solver, c.knobs, c.budgets[-2:], c.timesteps, c.fn, c.meta, c.schedule, c.t_min)
             t0 = time.perf_counter()
             p, nfes, errs = measure(c, model, x_T, ref)
             th = theory(c)

@@ -171,6 +171,8 @@ def table_markdown(a: pd.DataFrame, col, ident: dict, orders: dict) -> str:
     if orders:
         rng = sorted({o["range"] for o in orders.values()})
         cap += f"; order = least-squares slope over counted NFE {', '.join(f'{lo}-{hi}' for lo, hi in rng)}"
+    if col.what:
+        cap += f". {col.what}"
     return "\n".join([cap + ".", "", head, sep, *body, "", f"<sub>protocol: `{json.dumps(proto, sort_keys=True)}`</sub>", ""])
 
 
@@ -355,9 +357,10 @@ def report(results_dir="results", out_dir=None, order_range=None) -> list[Path]:
                                                              else ""), "", table_markdown(a, col, ident, orders)]
                 protocol = ident["protocol"]
                 if col.nfe_dependent and protocol.get(col.nfe_dependent) != "run":
+                    hint = (f"; `metric_cfg.{ident['metric']}.{col.nfe_dependent}=run` makes it the run's own solver"
+                            if protocol.get(col.nfe_dependent) != "none" else "")
                     md += [f"(`{col.name}` does not depend on the sampler here ({col.nfe_dependent} = "
-                           f"{protocol.get(col.nfe_dependent)}), so it is not plotted against NFE; "
-                           f"`metric_cfg.nll.solver=run` makes it the run's own solver.)", ""]
+                           f"{protocol.get(col.nfe_dependent)}), so it is not plotted against NFE{hint}.)", ""]
                     continue
                 plot_table(a, col, ident, orders, floor_of(rows, col, ident["n_samples"]), d / f"{stem}.png", model)
                 written.append(d / f"{stem}.png")

@@ -345,7 +345,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
     model = compile_model(model, cfg.get("compile", False))
     config = {**cfg, "timesteps": {"name": ts_name, **ts_cfg}}
-    row = {**head, "steps": steps, "device": str(device), "final_step": spec.final_step, "metrics": {},
+    row = {**head, "steps": steps, "device": str(device), "final_step": spec.final_step_at(**knobs), "metrics": {},
            "protocols": {}, "sample_shape": list(model.shape), "config": config}
     if shard_index is not None:
         part = _shard_job({**cfg, "num_shards": num_shards}, shard_index)

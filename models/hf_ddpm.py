@@ -91,7 +91,8 @@ def load_hf_ddpm(cfg: dict) -> LoadedModel:
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     unet = unet.eval().requires_grad_(False)
     betas = scheduler.betas.double()
-    schedule = VPDiscrete(betas=betas.tolist(), T=float(cfg.get("T", 1.0)), t_min=cfg.get("t_min"))
+    schedule = VPDiscrete(betas=betas.tolist(), T=float(cfg.get("T", 1.0)), t_min=cfg.get("t_min"),
+                          lambda_min_clipped=cfg.get("lambda_min_clipped"))
     check_schedule(schedule)     # T and t_min within the scheduler's steps [1/N, 1]
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

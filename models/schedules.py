@@ -233,13 +233,20 @@ class VPDiscrete(_VP):
 
     betas: a published schedule by name (linear | cosine | scaled_linear, with num_steps), an explicit list,
     or a file (.npy / .pt / .txt).  Sampling runs on [t_min, T] within [t_1, t_N] = [1/N, 1]: t_min defaults
-    to the first step 1/N; the schedule is never extrapolated beyond its steps."""
+    to the first step 1/N; the schedule is never extrapolated beyond its steps.
+
+    lambda_min_clipped (None = off): where lambda(T) lies below it, T moves to t(lambda_min_clipped), so sampling
+    starts there: DPM-Solver's log-SNR clip (the reference code's numerical_clip_alpha, clipped_lambda = -5.1, for
+    cosine betas; diffusers' lambda_min_clipped, default -inf).  It moves the schedule's T, which every consumer
+    reads (x_T drawn from N(0, sigma(T)^2), every grid's first point, NLL's prior), not a solver's grid alone.  The
+    references drop the discrete steps below the clip and start at the last kept step; here T is where lambda
+    equals the clip, between two steps."""
 
     name = "vp_discrete"
 
     def __init__(self, betas="linear", num_steps: int | None = None, beta_start: float | None = None,
                  beta_end: float | None = None, s: float = 0.008, max_beta: float = 0.999, T: float = 1.0,
-                 t_min: float | None = None):
+                 t_min: float | None = None, lambda_min_clipped: float | None = None):
         if isinstance(betas, str) and betas in BETA_SCHEDULES:
             if num_steps is None:
                 num_steps = 1000
@@ -279,6 +286,25 @@ class VPDiscrete(_VP):
         self.log_alpha_n = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
         self.T = T
         self.t_min = 1.0 / self.N if t_min is None else t_min
+        self.lambda_min_clipped = self._clip_T(lambda_min_clipped)
+
+    def _clip_T(self, clip):
+        """Move T to t(clip) where lambda(T) < clip (Lu et al. 2022, app. D's discrete wrapper with the reference
+        code's log-SNR clip); returns the clip as a float, or None."""
+        if clip is None:
+            return None
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip):
+            raise ConfigError(f"noise schedule 'vp_discrete': lambda_min_clipped must be a finite number (the lowest "
+                              f"log-SNR lambda = log(alpha/sigma) sampling starts from, -5.1 in DPM-Solver) or null "
+                              f"(off), got {clip!r}.")
+        clip = float(clip)
+        lam_lo = float(self.lambda_(self.t_min))
+        if not clip < lam_lo:
+            raise ConfigError(f"noise schedule 'vp_discrete': lambda_min_clipped={clip} leaves nothing to sample: "
+                              f"lambda(t_min = {self.t_min:.6g}) = {lam_lo:.6g}; the clip must lie below it.")
+        if float(self.lambda_(self.T)) < clip:
+            self.T = float(self.t_of_lambda(torch.tensor(clip, dtype=torch.float64)))
+        return clip
 
     def _interp(self, x, xp, fp):
         """Piecewise-linear interpolation with linear extrapolation at both ends; returns value and slope."""
@@ -303,7 +329,7 @@ class VPDiscrete(_VP):
 
     def describe(self):
         return {**super().describe(), "num_steps": self.N, "betas": self.source, "beta_start": self.beta_start,
-                "beta_end": self.beta_end}
+                "beta_end": self.beta_end, "lambda_min_clipped": self.lambda_min_clipped}
 
 
 class VE(NoiseSchedule):
@@ -362,12 +388,56 @@ class EDM(NoiseSchedule):
         return {**super().describe(), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
+class SubVP(NoiseSchedule):
+    """sub-VP SDE dx = -beta/2 x dt + sqrt(beta (1 - exp(-2 B(t)))) dW, B(t) = int_0^t beta, with vp_linear's
+    beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, sec. 3.4; kernel in app. B, eq. 29):
+    alpha = exp(-B/2) as for VP, sigma = 1 - exp(-B) = 1 - alpha^2 (not its square root), so sigma^2 < 1 - alpha^2.
+
+    The base class's f = d log alpha = -beta/2 and g^2 = -2 sigma^2 d lambda = beta (1 - e^{-2B}) give the SDE back.
+    is_vp is False: alpha^2 + sigma^2 != 1, which diffusers' schedulers assume (solvers/diffusers_sched.py refuses
+    non-VP schedules); the other use, capping a grid's start at sigma_hat = 80 (timesteps.capped_sigma_range), only
+    saves steps where sigma_hat(T) > 800 and is not needed for correctness (default sigma_hat(T) = 152)."""
+
+    name = "sub_vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: float = 1e-3):
+        self.beta_min, self.beta_max, self.T, self.t_min = beta_min, beta_max, T, t_min
+
+    # alpha is the VP SDE's (the same drift): vp_linear's closed forms, log alpha = -B/2, d log alpha = -beta/2.
+    log_alpha = VPLinear.log_alpha
+    d_log_alpha = VPLinear.d_log_alpha
+
+    def log_sigma(self, t):
+        # sigma = 1 - e^{-B} with e^{-B} = alpha^2 (Song et al. 2021, eq. 29)
+        return torch.log(-torch.expm1(2.0 * self.log_alpha(_t(t))))
+
+    def d_log_sigma(self, t):
+        # d/dt log(1 - e^{-B}) = beta e^{-B} / (1 - e^{-B}) = beta / (e^B - 1), beta = -2 d log alpha
+        t = _t(t)
+        return -2.0 * self.d_log_alpha(t) / torch.expm1(-2.0 * self.log_alpha(t))
+
+    def t_of_lambda(self, lam):
+        # lambda = log(a / (1 - a^2)), a = e^{-B/2}: strictly decreasing in B (both terms are), and with
+        # r = e^{-lambda} = sigma_hat, a^2 + r a - 1 = 0 gives B = -2 log a = 2 asinh(r/2).  For lambda < 0,
+        # asinh(r/2) = -lambda + log((1 + sqrt(1 + 4 e^{2 lambda}))/2) (no overflow of e^{-lambda}).  Then t solves
+        # B(t) = beta_min t + (beta_max - beta_min) t^2/2 in the cancellation-free form 2B / (beta_min + sqrt(...)).
+        lam = _t(lam)
+        half_b = torch.where(lam >= 0, torch.asinh(0.5 * torch.exp(-lam.clamp(min=0))),
+                             -lam + torch.log1p(torch.sqrt(1 + 4 * torch.exp(2 * lam.clamp(max=0)))) - math.log(2))
+        b = 2 * half_b
+        return 2 * b / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * (self.beta_max - self.beta_min) * b))
+
+    def describe(self):
+        return {**super().describe(), "beta_min": self.beta_min, "beta_max": self.beta_max}
+
+
 SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
     "vp_linear": VPLinear,
     "vp_cosine": VPCosine,
     "vp_discrete": VPDiscrete,
     "ve": VE,
     "edm": EDM,
+    "sub_vp": SubVP,
 }
 
 
@@ -422,6 +492,10 @@ def check_schedule(sch: NoiseSchedule) -> None:
                    f"extrapolated: set T <= 1 (1 = start at the last step)")
     elif name in ("ve", "edm") and not 0 < sch.sigma_min < sch.sigma_max:
         bad = f"sigma_min={sch.sigma_min}, sigma_max={sch.sigma_max}: need 0 < sigma_min < sigma_max"
+    elif name == "sub_vp" and (sch.beta_min < 0 or sch.beta_max <= 0
+                               or sch.beta_min + sch.T * (sch.beta_max - sch.beta_min) <= 0):
+        bad = (f"beta_min={sch.beta_min}, beta_max={sch.beta_max}, T={sch.T}: need beta_min >= 0, beta_max > 0 and "
+               f"beta(T) > 0 (beta > 0 on (0, T], so lambda decreases)")
     if bad is None and not 0 < sch.t_min < sch.T:
         bad = f"t_min={sch.t_min}, T={sch.T}: need 0 < t_min < T"
     if bad is None:

@@ -6,3 +6,4 @@ import bench.solvers.rk  # noqa: F401
 import bench.solvers.unipc  # noqa: F401
 import bench.solvers.stochastic  # noqa: F401
 import bench.solvers.diffusers_sched  # noqa: F401
+import bench.solvers.langevin  # noqa: F401

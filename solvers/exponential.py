@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from bench.models.errors import ConfigError
 from bench.solvers.knobs import check_choice
 from bench.solvers.registry import register_solver
 
@@ -71,30 +72,84 @@ def fast_orders(intervals):
     return [3] * (intervals - 1) + [2]
 
 
-def _check_dpm(order, fast):
+def paper_fast_orders(nfe, order=3):
+    """DPM-Solver-fast's allocation of N = nfe evaluations (Lu et al. 2022, sec. 3.4; the reference code's
+    get_orders_and_timesteps_for_singlestep_solver): order 3, N = 3q + r: r = 0 -> q - 1 third-order steps, then
+    orders 2 and 1; r = 1 -> q third-order steps and one of order 1; r = 2 -> q third-order and one of order 2
+    (NFE 10: [3, 3, 3, 1]); order 2: N // 2 second-order steps and one of order 1 if N is odd; order 1: N steps."""
+    q, r = divmod(nfe, order)
+    if order == 3:
+        return [3] * (q - 1) + [2, 1] if r == 0 else [3] * q + [r]
+    return [order] * q + [1] * r
+
+
+DPM_FINALS = ("x0", "t_end")
+
+
+def _int_like(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def dpm_allocation(order=3, fast=False, orders=None, fast_nfe=None, final="x0"):
+    """Check dpm_solver's knobs; the per-interval orders they fix (orders, or fast_nfe's allocation), or None when
+    the grid sets the number of intervals (order on each, or fast)."""
     check_choice("dpm_solver", "order", order, (1, 2, 3))
     check_choice("dpm_solver", "fast", fast, (True, False))
+    check_choice("dpm_solver", "final", final, DPM_FINALS)
+    given = [k for k, on in (("fast", fast), ("orders", orders is not None), ("fast_nfe", fast_nfe is not None)) if on]
+    if len(given) > 1:
+        raise ConfigError(f"solver 'dpm_solver': {' and '.join(given)} each choose the orders of the steps; give one "
+                          f"of them (orders: an explicit list; fast_nfe: the paper's allocation of that NFE; fast).")
+    if orders is not None:
+        if isinstance(orders, (str, bytes, dict)) or not hasattr(orders, "__len__") or len(orders) == 0 \
+                or not all(_int_like(k) and 1 <= k <= 3 for k in orders):
+            raise ConfigError(f"solver 'dpm_solver': orders must be a non-empty list of orders 1, 2 or 3, one per "
+                              f"interval (e.g. [3, 3, 3, 1]), or null; got {orders!r}.")
+        return list(orders)
+    if fast_nfe is not None:
+        if not _int_like(fast_nfe) or fast_nfe < 1:
+            raise ConfigError(f"solver 'dpm_solver': fast_nfe must be a positive integer (the paper's NFE whose "
+                              f"DPM-Solver-fast allocation to use, e.g. 10 -> [3, 3, 3, 1]) or null; got {fast_nfe!r}.")
+        return paper_fast_orders(fast_nfe, order)
+    return None
 
 
-def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False):
-    """Singlestep DPM-Solver-k on the grid t, then x0 at t[-1]."""
-    _check_dpm(order, fast)
+def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False, orders=None, fast_nfe=None,
+                      final: str = "x0"):
+    """Singlestep DPM-Solver-k on the grid t with the orders chosen by the knobs, then x0 at t[-1] (final 'x0',
+    DESIGN's final step) or x at t[-1] as it stands (final 't_end': the paper's stop at t_end, no evaluation)."""
+    alloc = dpm_allocation(order, fast, orders, fast_nfe, final)
+    n_int = len(t) - 1
+    if alloc is None:
+        alloc = fast_orders(n_int) if fast else [order] * n_int
+    elif len(alloc) != n_int:
+        raise ConfigError(f"solver 'dpm_solver': the orders {alloc} need a grid of {len(alloc) + 1} points "
+                          f"({len(alloc)} intervals), got {len(t)} (an explicit time list of another length?).")
     g = _Grid(dyn.schedule, t)
-    orders = fast_orders(len(t) - 1) if fast else [order] * (len(t) - 1)
-    for i, k in enumerate(orders):
+    for i, k in enumerate(alloc):
         x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, t[i]))
-    return dyn.x0(x, t[-1])
+    return dyn.x0(x, t[-1]) if final == "x0" else x
 
 
-def _dpm_nfe(steps, order=3, fast=False, **_):
-    _check_dpm(order, fast)
-    return 3 * (steps - 1) if fast else order * (steps - 1) + 1
+def _dpm_nfe(steps, order=3, fast=False, orders=None, fast_nfe=None, final="x0", **_):
+    alloc = dpm_allocation(order, fast, orders, fast_nfe, final)
+    end = 1 if final == "x0" else 0
+    if alloc is not None:        # the allocation fixes steps = len + 1: more grid points fit no budget
+        return sum(alloc) + end if steps <= len(alloc) + 1 else math.inf
+    return (3 * (steps - 1) - 1 if fast else order * (steps - 1)) + end
+
+
+def _dpm_order(order=3, fast=False, orders=None, fast_nfe=None, **_):
+    if orders is not None or fast_nfe is not None:
+        return None              # a fixed allocation is not refined: no convergence order
+    return 3 if fast else order
 
 
 register_solver("dpm_solver", nfe_of_steps=_dpm_nfe,
-                nfe_formula="order*(steps-1) + 1; fast: 3*(steps-1)", min_steps=2,
-                order=lambda order=3, fast=False, **_: 3 if fast else order,
-                default_timesteps="logsnr")(dpm_solver_sample)
+                nfe_formula="order*(steps-1) + 1; fast: 3*(steps-1); orders/fast_nfe: sum(orders) + 1 with "
+                            "steps = len(orders) + 1; final=t_end: 1 fewer",
+                min_steps=2, order=_dpm_order, default_timesteps="logsnr",
+                final_step_of=lambda final="x0", **_: "denoise" if final == "x0" else "t_end")(dpm_solver_sample)
 
 
 # ---------------------------------------------------------------- DPM-Solver++ (data prediction)

@@ -43,6 +43,7 @@ class SolverSpec:
     brownian: bool = False               # stochastic solver drawing all its noise via rng.increment (strong error defined)
     default_timesteps: str = "edm"
     final_step: str = "denoise"          # 'denoise': last step is x0-prediction at the last positive sigma
+    final_step_of: Callable[..., str] | None = None   # where a knob chooses it (dpm_solver final=t_end): f(**knobs)
     source: str | None = None            # 'package.module:function' for solvers defined outside this package
     # Where a step's evaluations sit, for locating a divergence (bench.run.step_of): end_evals = how many
     # evaluations at grid time t[m] belong to step m (the step ending there: Heun's corrector, UniPC's free
@@ -50,6 +51,10 @@ class SolverSpec:
     # churn: the first stage of step k is evaluated above t[k-1] (EDM's churned time t_hat).
     end_evals: Callable[..., int] | int = 0
     churn: bool = False
+
+    def final_step_at(self, **knobs) -> str:
+        """The final-step convention a run with these knobs follows, for its row (DESIGN 'final step')."""
+        return self.final_step_of(**knobs) if self.final_step_of is not None else self.final_step
 
     def end_evals_at(self, m: int, n: int, **knobs) -> int:
         return self.end_evals(m, n, **knobs) if callable(self.end_evals) else self.end_evals

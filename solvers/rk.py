@@ -23,21 +23,31 @@ TABLEAUS = {
 }
 
 
-def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat"):
+def rk_step(V, tableau: str, s_n, s_next, y, k0=None):
+    """One explicit RK step of `tableau` in the variable of V from s_n to s_next (Butcher 2016, eq. 232a);
+    k0, when given, is the first stage's derivative at (s_n, y) already evaluated (c_1 = 0)."""
     A, b, c, _ = TABLEAUS[tableau]
+    s_n, s_next = torch.as_tensor(s_n, dtype=torch.float64), torch.as_tensor(s_next, dtype=torch.float64)
+    h = s_next - s_n
+    k = []
+    for i in range(len(b)):
+        if i == 0 and k0 is not None:
+            k.append(k0)
+            continue
+        yi = y
+        for j in range(i):
+            if A[i][j] != 0.0:
+                yi = yi + (h * A[i][j]).to(y.dtype) * k[j]
+        k.append(V.deriv(s_n + c[i] * h, yi)[0])
+    return y + sum((h * bi).to(y.dtype) * ki for bi, ki in zip(b, k) if bi != 0.0)
+
+
+def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat"):
     V = ODEVariable(dyn, variable)
     s = V.s_of_t(t)
     y = V.to_state(x, t[0])
     for n in range(len(t) - 1):
-        h = s[n + 1] - s[n]
-        k = []
-        for i in range(len(b)):
-            yi = y
-            for j in range(i):
-                if A[i][j] != 0.0:
-                    yi = yi + (h * A[i][j]).to(y.dtype) * k[j]
-            k.append(V.deriv(s[n] + c[i] * h, yi)[0])
-        y = y + sum((h * bi).to(y.dtype) * ki for bi, ki in zip(b, k) if bi != 0.0)
+        y = rk_step(V, tableau, s[n], s[n + 1], y)
     _, eps = V.deriv(s[-1], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 

@@ -42,6 +42,7 @@ def euler_maruyama(dyn, x, t, rng):
 
 # ---------------------------------------------------------------------------------------------------------
 ANCESTRAL_VARIANTS = ("ddpm", "euler")
+ANCESTRAL_VARIANCES = ("posterior", "beta")
 
 
 def ancestral_sigmas(sig_from, sig_to, eta):
@@ -53,7 +54,7 @@ def ancestral_sigmas(sig_from, sig_to, eta):
     return up, torch.sqrt(sig_to ** 2 - up ** 2)
 
 
-def _check_ancestral(variant, eta):
+def _check_ancestral(variant, eta, variance="posterior"):
     if variant not in ANCESTRAL_VARIANTS:
         raise ConfigError(f"ancestral: unknown variant '{variant}'. Valid variants are: {', '.join(ANCESTRAL_VARIANTS)}.")
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
@@ -61,20 +62,36 @@ def _check_ancestral(variant, eta):
     if variant == "ddpm" and eta > 1:
         raise ConfigError(f"ancestral: variant 'ddpm' needs 0 <= eta <= 1 (DDIM eq. 12 takes sqrt(sigma_s^2 - "
                           f"sigma_eta^2)), got eta={eta}; variant 'euler' caps sigma_up and allows eta > 1.")
+    if variance not in ANCESTRAL_VARIANCES:
+        raise ConfigError(f"ancestral: unknown variance '{variance}'. Valid variances are: "
+                          f"{', '.join(ANCESTRAL_VARIANCES)}.")
+    if variance == "beta" and (variant != "ddpm" or eta != 1):
+        raise ConfigError(f"ancestral: variance 'beta' (DDPM's sigma_t^2 = beta_t, Ho et al. 2020, sec. 3.2) is "
+                          f"defined for variant 'ddpm' with eta = 1 only, got variant '{variant}', eta={eta}: DDIM's "
+                          f"eta family moves the mean with the noise (eq. 12), and no member of it has variance beta; "
+                          f"use variance 'posterior' (beta-tilde, scaled by eta) there.")
+
+
+def _ancestral_nfe(steps, variant="ddpm", eta=1.0, variance="posterior", **_):
+    _check_ancestral(variant, eta, variance)      # bad knobs are refused when the budget is planned, before any work
+    return steps
 
 
 # Brownian: with eta = 1 this is DDPM's ancestral sampler, a discretisation of the reverse SDE (Song et al. 2021,
 # app. E); with eta it discretises the SDE with diffusion eta*g (its noise variance is
-# sigma_up^2 = eta^2 g^2 |dt| + O(dt^2)).  Each step's z stands for the normalised Brownian increment
-# over [t_n, t_{n+1}], so all noise is drawn with rng.increment.
-@register_solver("ancestral", nfe_of_steps=lambda steps, **_: steps, nfe_formula="steps", min_steps=2,
+# sigma_up^2 = eta^2 g^2 |dt| + O(dt^2)); variance 'beta' (g^2 |dt| + O(dt^2) too) as well.  Each step's z stands for
+# the normalised Brownian increment over [t_n, t_{n+1}], so all noise is drawn with rng.increment.
+@register_solver("ancestral", nfe_of_steps=_ancestral_nfe, nfe_formula="steps", min_steps=2,
                  stochastic=True, brownian=True, default_timesteps="uniform_t")
-def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0):
+def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0, variance: str = "posterior"):
     """Ancestral sampling.  'ddpm': DDIM's generalised step (Song et al. 2021a, eq. 12 with sigma_eta of eq. 16),
     x_s = alpha_s x0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z.  'euler': k-diffusion's Euler-ancestral,
     an Euler step in sigma_hat to sigma_down, then noise sigma_up (both in x_hat = x/alpha).  For eta <= 1 the
-    two are the same map (Euler in sigma_hat is DDIM), computed along different paths."""
-    _check_ancestral(variant, eta)
+    two are the same map (Euler in sigma_hat is DDIM), computed along different paths.  variance 'beta' ('ddpm',
+    eta = 1): the same mean (DDPM's posterior mean, eq. 11) with noise variance beta_n = sigma_n^2 -
+    (alpha_n/alpha_{n+1})^2 sigma_{n+1}^2, the forward step's variance (DDPM's beta_t for VP; Ho et al. 2020, sec. 3.2
+    and Alg. 2 with sigma_t^2 = beta_t) instead of the posterior's beta-tilde = (sigma_{n+1}/sigma_n)^2 beta_n."""
+    _check_ancestral(variant, eta, variance)
     sch = dyn.schedule
     sig = sch.sigma_hat(t)
     for n in range(len(t) - 1):
@@ -85,8 +102,9 @@ def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0):
             a_s = sch.alpha(t[n + 1])
             sigma_eta = a_s * up                              # sigma_hat -> x units
             x0 = dyn.x0(x, t[n], eps=eps)
+            std = sigma_eta if variance == "posterior" else sch.alpha(t[n]) * torch.sqrt(sig[n] ** 2 - sig[n + 1] ** 2)
             x = _bc(a_s, x) * x0 + _bc(torch.sqrt(sch.sigma(t[n + 1]) ** 2 - sigma_eta ** 2), x) * eps \
-                + _bc(sigma_eta, x) * z
+                + _bc(std, x) * z
         else:
             x_hat = x / _bc(sch.alpha(t[n]), x)
             x_hat = x_hat + _bc(down - sig[n], x) * eps + _bc(up, x) * z    # d x_hat/d sigma_hat = eps

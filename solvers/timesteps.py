@@ -51,12 +51,13 @@ def _knob_number(name, key, v, allow_none=True):
 
 
 def capped_sigma_range(schedule, sigma_max=EDM_SIGMA_MAX, sigma_min=EDM_SIGMA_MIN, cap_factor: float = 10.0,
-                       name: str = "edm"):
+                       name: str = "edm", exact: bool = False):
     """(hi, lo): the sigma_hat range of a grid that takes sigma from the model's range [sigma_hat(t_min),
     sigma_hat(T)], bounded as in EDM's VP setting (sigma in [0.002, 80]) where the model's range passes a bound
     by more than cap_factor: hi = sigma_max where sigma_hat(T) > cap_factor sigma_max (VP schedules only: x_T is
     drawn from N(0, sigma(T)^2), within 1/(2 sigma_max^2) of sigma at the capped start), lo = sigma_min where
-    sigma_hat(t_min) < sigma_min / cap_factor.  None switches a bound off."""
+    sigma_hat(t_min) < sigma_min / cap_factor.  None switches a bound off.  exact: the range must be
+    [sigma_min, sigma_max] itself (a paper's preset), else a ConfigError naming both ranges."""
     sigma_max = _knob_number(name, "sigma_max", sigma_max)
     sigma_min = _knob_number(name, "sigma_min", sigma_min)
     if isinstance(cap_factor, bool) or not isinstance(cap_factor, (int, float)) or not cap_factor >= 1:
@@ -73,15 +74,41 @@ def capped_sigma_range(schedule, sigma_max=EDM_SIGMA_MAX, sigma_min=EDM_SIGMA_MI
                               f"not a solver divergence).")
     hi = sigma_max if (sigma_max is not None and schedule.is_vp and s_hi > cap_factor * sigma_max) else s_hi
     lo = sigma_min if (sigma_min is not None and s_lo < sigma_min / cap_factor) else s_lo
+    if exact:
+        _check_exact(name, schedule, (hi, lo), (sigma_max, sigma_min), (s_hi, s_lo))
     if not lo < hi:
         raise ConfigError(f"timesteps '{name}': the bounded range [{lo:.6g}, {hi:.6g}] is empty for the model's range "
                           f"[{s_lo:.6g}, {s_hi:.6g}] (sigma_min={sigma_min}, sigma_max={sigma_max})")
     return hi, lo
 
 
-def _bounded_ends(name, schedule, sigma_max, sigma_min, cap_factor):
+def _check_exact(name, schedule, used, want, model):
+    """A paper's range is used as it is or refused: a grid silently narrowed to the model's range would carry the
+    preset's name but not its numbers.  Ends within 1e-9 relative count as equal."""
+    close = lambda a, b: abs(a - b) <= 1e-9 * abs(b)  # noqa: E731
+    if close(used[0], want[0]) and close(used[1], want[1]):
+        return
+    where = (f"model '{schedule.name}' (T={schedule.T:.6g}, t_min={schedule.t_min:.6g}) has sigma_hat in "
+             f"[{model[1]:.6g}, {model[0]:.6g}]")
+    fix = []
+    if not close(used[1], want[1]):
+        t_lo = float(schedule.t_of_sigma_hat(torch.tensor(want[1], dtype=torch.float64)))
+        first_step = 1.0 / schedule.N if hasattr(schedule, "N") else 0.0      # vp_discrete: t >= 1/N
+        at = f" to <= {t_lo:.4g}" if math.isfinite(t_lo) and t_lo > first_step else \
+            (f"; not possible below its first discrete step 1/N = {first_step:.4g}" if first_step else "")
+        fix.append(f"sigma_hat(t_min) <= {want[1]:g} (lower model.schedule.t_min{at})")
+    if not close(used[0], want[0]):
+        fix.append(f"sigma_hat(T) >= {want[0]:g}" if schedule.is_vp else
+                   f"sigma_hat(T) = {want[0]:g}: x_T is drawn at sigma(T), and on a non-VP schedule a grid "
+                   f"starting below T does not match it (set the schedule's sigma_max / T)")
+    raise ConfigError(f"timesteps '{name}' is the paper's sigma_hat range [{want[1]:g}, {want[0]:g}], but the "
+                      f"{where}; it would need {' and '.join(fix)}. timesteps=edm bounds its grid to the model's "
+                      f"range instead.")
+
+
+def _bounded_ends(name, schedule, sigma_max, sigma_min, cap_factor, exact=False):
     """(first, last) time of a grid on capped_sigma_range: T and t_min where a bound does not apply."""
-    hi, lo = capped_sigma_range(schedule, sigma_max, sigma_min, cap_factor, name)
+    hi, lo = capped_sigma_range(schedule, sigma_max, sigma_min, cap_factor, name, exact)
     s_hi, s_lo = float(schedule.sigma_hat(schedule.T)), float(schedule.sigma_hat(schedule.t_min))
     first = schedule.T if hi == s_hi else float(schedule.t_of_sigma_hat(torch.tensor(hi, dtype=torch.float64)))
     last = schedule.t_min if lo == s_lo else float(schedule.t_of_sigma_hat(torch.tensor(lo, dtype=torch.float64)))
@@ -111,12 +138,38 @@ def uniform_logsnr(schedule, n, sigma_max=EDM_SIGMA_MAX, cap_factor: float = 10.
 def edm_rho(schedule, n, rho: float = 7.0, sigma_max=EDM_SIGMA_MAX, sigma_min=EDM_SIGMA_MIN, cap_factor: float = 10.0):
     """sigma_hat_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho (Karras et al. 2022, eq. 5), on
     the model's range bounded as EDM's VP setting does (capped_sigma_range; conf/timesteps/edm.yaml)."""
+    return _rho_grid("edm", schedule, n, rho, sigma_max, sigma_min, cap_factor)
+
+
+def _rho_grid(name, schedule, n, rho, sigma_max, sigma_min, cap_factor, exact=False):
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho <= 0:
-        raise ConfigError(f"timesteps 'edm': rho must be positive, got {rho}")
-    s_max, s_min = capped_sigma_range(schedule, sigma_max, sigma_min, cap_factor)
+        raise ConfigError(f"timesteps '{name}': rho must be positive, got {rho}")
+    s_max, s_min = capped_sigma_range(schedule, sigma_max, sigma_min, cap_factor, name, exact)
     r = torch.linspace(0, 1, n, dtype=torch.float64)
     sig = (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return schedule.t_of_sigma_hat(sig)
+
+
+# Paper presets by name: Karras et al. 2022, eq. 5 with rho = 7 on a fixed sigma range, used as it is whatever the
+# model's own range (cap_factor 1) or refused (exact).  edm_vp: table 1's "Ours" column [0.002, 80], which EDM's
+# edm_sampler (NVlabs/edm generate.py) keeps on its VP networks (their range [sigma(1e-5), sigma(1)] ~ [0.001, 152]
+# contains it); edm_ve: table 1's VE column range [0.02, 100] (VEPrecond's sigma_min/sigma_max) with eq. 5.
+# name -> (sigma_min, sigma_max, rho).  No knobs: the name is the guarantee; timesteps=edm takes knobs.
+EDM_PRESETS = {"edm_vp": (0.002, 80.0, 7.0), "edm_ve": (0.02, 100.0, 7.0)}
+
+
+def _register_edm_preset(name, sigma_min, sigma_max, rho):
+    def ends(schedule):
+        return _bounded_ends(name, schedule, sigma_max, sigma_min, 1.0, exact=True)
+
+    def grid(schedule, n):
+        return _rho_grid(name, schedule, n, rho, sigma_max, sigma_min, 1.0, exact=True)
+    grid.__doc__ = f"Karras et al. 2022, eq. 5, rho = {rho:g}, on sigma_hat in [{sigma_min:g}, {sigma_max:g}] exactly."
+    register_timesteps(name, ends=ends)(grid)
+
+
+for _name, (_lo, _hi, _rho) in EDM_PRESETS.items():
+    _register_edm_preset(_name, _lo, _hi, _rho)
 
 
 @register_timesteps("quadratic")

@@ -1,6 +1,7 @@
 """UniPC (Zhao et al. 2023), data-prediction form, multistep in lambda: the predictor UniP-p
 (Alg. 2 / eq. 9) and the corrector UniC-p (Alg. 1 / eq. 8), which reuses the evaluation at the
-predicted point, so the pair costs one NFE per step and has order p + 1 (their Theorem 3.1).
+predicted point, so the pair costs one NFE per step and has order p + 1 (their Theorem 3.1); with lower_order_final the last
+interval is a UniP-min(p, 2) step without corrector, which caps the global order at 3 (see _order).
 B(h) = h ('bh1') or e^h - 1 ('bh2').  Warm-up uses the orders the history allows; with
 lower_order_final the last interval uses order <= 2 (diffusers' rule).  The final step is x0 at t[-1]
 from the evaluation there (the first-order update to lambda = +inf), and no corrector follows it,
@@ -86,6 +87,12 @@ def _nfe(steps, order=2, variant="bh2", lower_order_final=True, **_):
     return steps
 
 
+def _order(order=2, variant="bh2", lower_order_final=True, **_):
+    # UniC-p makes every step order p + 1 (Zhao et al. 2023, Thm. 3.1); the last interval has no corrector, so its
+    # UniP-k predictor (k = p, or min(p, 2) with lower_order_final) adds a local O(h^(k+1)) error once: order k + 1.
+    return min(order, 2) + 1 if lower_order_final else order + 1
+
+
 register_solver("unipc", nfe_of_steps=_nfe, nfe_formula="steps", min_steps=2,
-                order=lambda order=2, **_: order + 1, default_timesteps="logsnr",
+                order=_order, default_timesteps="logsnr",
                 end_evals=lambda m, n, **_: int(m < n - 1))(unipc_sample)   # the free evaluation ends a step

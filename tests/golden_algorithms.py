@@ -198,16 +198,33 @@ def ab_weights_variable(nodes, s_now, s_next):
     return np.linalg.solve(V, np.array([1.0 / (m + 1) for m in range(k)]))
 
 
-def ab_golden(M: Net, x, t, order=2, ipndm=False, variable="sigma_hat"):
-    """Adams-Bashforth-k (variable-step) or iPNDM (Zhang & Chen 2023: fixed-step AB weights), warm-up with the
-    orders the history allows, one evaluation per grid point; then x0 at t[-1]."""
+def _rk_startup(V, s0, s1, y, f0, order):
+    """A start-up step of order `order` - 1 from (s0, y) with f0 = y'(s0): Heun's trapezoidal predictor-corrector
+    (order 2) or Kutta's third-order method (1/6, 4/6, 1/6 at c = 0, 1/2, 1; Hairer, Norsett & Wanner, table 1.1)."""
+    h = s1 - s0
+    if order == 3:
+        f1 = V.rhs(s1, y + h * f0)
+        return y + h / 2 * (f0 + f1)
+    f1 = V.rhs(s0 + h / 2, y + h / 2 * f0)
+    f2 = V.rhs(s1, y - h * f0 + 2 * h * f1)
+    return y + h * (f0 + 4 * f1 + f2) / 6
+
+
+def ab_golden(M: Net, x, t, order=2, ipndm=False, variable="sigma_hat", startup="auto"):
+    """Adams-Bashforth-k (variable-step) or iPNDM (Zhang & Chen 2023: fixed-step AB weights), one evaluation per grid
+    point; the first k-1 steps with the orders the history allows (startup 'lower', iPNDM's 'auto') or, for k >= 3,
+    Runge-Kutta steps of order k-1 (startup 'rk', AB's 'auto'); then x0 at t[-1]."""
     V = _Variable(M, variable)
     ts = _times(t)
     s = [V.s(v) for v in ts]
     y = V.to_y(x, ts[0])
+    rk = (startup == "rk" or (startup == "auto" and not ipndm)) and order >= 3
     derivs = []                                   # newest first
     for n in range(len(ts) - 1):
         derivs = [V.rhs(s[n], y)] + derivs
+        if rk and n < order - 1:
+            y = _rk_startup(V, s[n], s[n + 1], y, derivs[0], order)
+            continue
         k = min(order, n + 1)
         w = [float(c) for c in IPNDM[k]] if ipndm else ab_weights_variable(s[n::-1][:k], s[n], s[n + 1])
         y = y + (s[n + 1] - s[n]) * sum(float(wj) * dj for wj, dj in zip(w, derivs[:k]))
@@ -240,15 +257,36 @@ def _dpm_step(M: Net, x, t_prev, t_next, k):
     return base - s_n / r2 * ((math.exp(h) - 1) / h - 1) * D2
 
 
-def dpm_solver_golden(M: Net, x, t, order=3, fast=False):
+def dpm_fast_allocation(N, order=3):
+    """The DPM-Solver reference code's get_orders_and_timesteps_for_singlestep_solver (Lu et al. 2022, sec. 3.4), as
+    its docstring states it: order 3, K = N // 3 + 1 intervals: N % 3 == 0 -> K - 2 third-order steps, one second-
+    and one first-order; N % 3 == 1 -> K - 1 third-order and one first-order; N % 3 == 2 -> K - 1 third-order and one
+    second-order.  Order 2: N even -> N/2 second-order steps, N odd -> N // 2 and one first-order.  Order 1: N."""
+    if order == 3:
+        K = N // 3 + 1
+        return {0: [3] * (K - 2) + [2, 1], 1: [3] * (K - 1) + [1], 2: [3] * (K - 1) + [2]}[N % 3]
+    if order == 2:
+        return [2] * (N // 2) if N % 2 == 0 else [2] * (N // 2) + [1]
+    return [1] * N
+
+
+def dpm_solver_golden(M: Net, x, t, order=3, fast=False, orders=None, fast_nfe=None, final="x0"):
     """Singlestep DPM-Solver-k on every interval; DPM-Solver-fast (sec. 3.4): for K intervals the paper's
-    N = 3K - 1 case, K - 1 third-order steps then one second-order step.  Then x0 at t[-1]."""
+    N = 3K - 1 case, K - 1 third-order steps then one second-order step; orders: one order per interval as given;
+    fast_nfe: the reference code's allocation of that NFE.  Then x0 at t[-1] (final 'x0'), or x at t[-1] as it
+    stands (final 't_end': the paper stops at t_end without denoising; the reference code's denoise_to_zero=False)."""
     ts = _times(t)
     K = len(ts) - 1
-    orders = ([3] * (K - 1) + [2]) if fast else [order] * K
-    for i, k in enumerate(orders):
+    if orders is not None:
+        ks = list(orders)
+    elif fast_nfe is not None:
+        ks = dpm_fast_allocation(fast_nfe, order)
+    else:
+        ks = ([3] * (K - 1) + [2]) if fast else [order] * K
+    assert len(ks) == K, (ks, K)
+    for i, k in enumerate(ks):
         x = _dpm_step(M, x, ts[i], ts[i + 1], k)
-    return M.x0_pred(x, ts[-1])
+    return M.x0_pred(x, ts[-1]) if final == "x0" else x
 
 
 # ------------------------------------------------------------------------ DPM-Solver++ (Lu et al. 2022b)
@@ -377,11 +415,30 @@ def euler_maruyama_golden(M: Net, x, t, rng):
     return M.x0_pred(x, ts[-1])
 
 
-def ancestral_golden(M: Net, x, t, rng, variant="ddpm", eta=1.0):
+def ddpm_beta_golden(M: Net, x, t, rng):
+    """Ho et al. 2020, Alg. 2 with sigma_t^2 = beta_t (sec. 3.2), on the grid's steps (VP): for the step t_n -> t_{n+1}
+    abar_t = alpha(t_n)^2, abar_{t-1} = alpha(t_{n+1})^2, alpha_t = abar_t / abar_{t-1}, beta_t = 1 - alpha_t;
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps(x_t, t)) + sqrt(beta_t) z.  Then x0 at t[-1]."""
+    ts = _times(t)
+    for n in range(len(ts) - 1):
+        abar_t, abar_prev = M.alpha(ts[n]) ** 2, M.alpha(ts[n + 1]) ** 2
+        alpha_t = abar_t / abar_prev
+        beta_t = 1 - alpha_t
+        e = M.eps(x, ts[n])
+        z = rng.increment(x, t[n], t[n + 1])
+        x = (x - beta_t / math.sqrt(1 - abar_t) * e) / math.sqrt(alpha_t) + math.sqrt(beta_t) * z
+    return M.x0_pred(x, ts[-1])
+
+
+def ancestral_golden(M: Net, x, t, rng, variant="ddpm", eta=1.0, variance="posterior"):
     """'ddpm': DDIM, Song et al. 2021a, eq. 12 with sigma_t(eta) of eq. 16, in DDPM's notation
     abar = alpha^2, sqrt(1 - abar) = sigma (VP): eta = 1 is Ho et al. 2020, Alg. 2.
     'euler': k-diffusion's Euler-ancestral in sigma_hat: sigma_up = min(s_to, eta s_to sqrt(1 - s_to^2/s_from^2)),
-    sigma_down = sqrt(s_to^2 - sigma_up^2), Euler step to sigma_down, then + sigma_up z.  Then x0 at t[-1]."""
+    sigma_down = sqrt(s_to^2 - sigma_up^2), Euler step to sigma_down, then + sigma_up z.  Then x0 at t[-1].
+    variance 'beta' (variant 'ddpm', eta = 1): DDPM's Alg. 2 with sigma_t^2 = beta_t (ddpm_beta_golden)."""
+    if variance == "beta":
+        assert variant == "ddpm" and eta == 1
+        return ddpm_beta_golden(M, x, t, rng)
     ts = _times(t)
     for n in range(len(ts) - 1):
         tf, tt = ts[n], ts[n + 1]
@@ -463,6 +520,27 @@ def pc_golden(M: Net, x, t, rng, predictor="reverse_diffusion", snr=0.16, n_corr
     return M.x0_pred(x, ts[-1])
 
 
+def annealed_langevin_golden(M: Net, x, t, rng, steps_per_level=100, eps=2e-5, denoise=True):
+    """Song & Ermon 2019, Alg. 1 with sigma_i = sigma_hat(t_i) = sigma/alpha, i = 1..L, in x_hat = x/alpha, where
+    p_sigma = p_data * N(0, sigma^2 I) has score s(x_hat) = -eps(alpha x_hat, t_i)/sigma_i:
+    alpha_i = eps sigma_i^2/sigma_L^2; T times: z ~ N(0, I), x_hat <- x_hat + alpha_i/2 s + sqrt(alpha_i) z.
+    denoise: the T-th evaluation at sigma_L gives x0 = x_hat - sigma_L eps (Tweedie) instead of the last move."""
+    ts = _times(t)
+    L = len(ts)
+    sig = [M.sig_hat(v) for v in ts]
+    xh = x / M.alpha(ts[0])
+    for i in range(L):
+        a_i = eps * sig[i] ** 2 / sig[-1] ** 2
+        moves = steps_per_level - 1 if (denoise and i == L - 1) else steps_per_level
+        for _ in range(moves):
+            z = rng.randn_like(xh)
+            s = -M.eps(M.alpha(ts[i]) * xh, ts[i]) / sig[i]
+            xh = xh + a_i / 2 * s + math.sqrt(a_i) * z
+    if denoise:
+        return M.x0_pred(M.alpha(ts[-1]) * xh, ts[-1])
+    return xh
+
+
 # ------------------------------------------------------------------------------------------ dispatcher
 def golden(name: str, M: Net, x, t, rng, **knobs):
     """The golden of registered solver `name` with its knobs (defaults as in conf/solver/NAME.yaml)."""
@@ -490,4 +568,6 @@ def golden(name: str, M: Net, x, t, rng, **knobs):
         return edm_stochastic_golden(M, x, t, rng, **knobs)
     if name == "pc":
         return pc_golden(M, x, t, rng, **knobs)
+    if name == "annealed_langevin":
+        return annealed_langevin_golden(M, x, t, rng, **knobs)
     raise KeyError(f"no golden algorithm for solver '{name}'")

@@ -31,6 +31,8 @@ GRIDS = {
     "G5edm": [1.0, 0.5, 0.2, 0.05, 1e-3],          # sigma_hat 152, 3.6, 0.72, 0.16, 0.0105: churn range [0.01, 1] hit
     "default4": 4,                                  # the solver's own default time steps with that many points
     "default6": 6,
+    "default5": 5,                                  # an allocation of 4 intervals (dpm_solver orders / fast_nfe)
+    "default8": 8,
 }
 
 RK = ["euler", "heun", "midpoint", "ralston", "rk3", "rk4"]
@@ -48,11 +50,21 @@ def _cases():
             for v in VARIABLES:
                 c.append(("ab", {"order": order, "ipndm": ipndm, "variable": v}, "G6"))
             c.append(("ab", {"order": order, "ipndm": ipndm}, "default6"))
+            for startup in ("rk", "lower"):
+                c.append(("ab", {"order": order, "ipndm": ipndm, "startup": startup, "variable": "lambda"}, "G6"))
     for order in (1, 2, 3):
         for g in ("G4", "default4"):
             c.append(("dpm_solver", {"order": order, "fast": False}, g))
     for g in ("G4", "default4", "default6"):
         c.append(("dpm_solver", {"fast": True}, g))
+    for final in ("x0", "t_end"):                   # orders fix the step count: 4 intervals on 5-point grids
+        for g in ("G5edm", "default5"):
+            c.append(("dpm_solver", {"orders": (3, 3, 3, 1), "final": final}, g))
+            c.append(("dpm_solver", {"orders": (1, 2, 3, 2), "final": final}, g))
+            c.append(("dpm_solver", {"fast_nfe": 10, "final": final}, g))            # [3, 3, 3, 1]
+            c.append(("dpm_solver", {"fast_nfe": 7, "order": 2, "final": final}, g))  # [2, 2, 2, 1]
+        c.append(("dpm_solver", {"order": 2, "final": "t_end"}, "G4"))
+        c.append(("dpm_solver", {"fast": True, "final": "t_end"}, "default4"))
     for order in (1, 2, 3):
         for lof in (True, False):
             for d2 in (("taylor", "dpm_solver_code") if order == 3 else ("taylor",)):
@@ -69,12 +81,18 @@ def _cases():
                 for g in ("G6", "default6"):
                     c.append(("unipc", {"order": order, "variant": variant, "lower_order_final": lof}, g))
     c.append(("unipc", {"order": 3, "variant": "bh2", "lower_order_final": False}, "G4"))
+    for n in ("default5", "G5edm"):   # 5 and 8 points too: "the last interval" tested beyond n = 6 (a 2-bit pattern)
+        c.append(("unipc", {"order": 3, "variant": "bh1", "lower_order_final": True}, n))
+        c.append(("dpm_solver_pp", {"order": 3, "method": "multistep", "lower_order_final": True, "d2": "taylor"}, n))
+    c.append(("unipc", {"order": 3, "variant": "bh2", "lower_order_final": True}, "default8"))
     for g in ("G4", "default4"):
         c.append(("euler_maruyama", {}, g))
     for variant, eta in (("ddpm", 1.0), ("ddpm", 0.3), ("ddpm", 0.0), ("euler", 0.0), ("euler", 0.5), ("euler", 1.0),
                          ("euler", 2.5)):
         for g in ("G4", "default4"):
             c.append(("ancestral", {"variant": variant, "eta": eta}, g))
+    for g in ("G4", "G6", "default4"):
+        c.append(("ancestral", {"variant": "ddpm", "eta": 1.0, "variance": "beta"}, g))
     for knobs in ({}, {"S_churn": 1.0}, {"S_churn": 1.0, "S_noise": 1.0}, {"S_min": 0.1, "S_max": 5.0},
                   {"S_churn": 0.0}, {"S_churn": 100.0, "S_noise": 0.9}):
         for g in ("G5edm", "default6"):
@@ -84,6 +102,9 @@ def _cases():
             for nc in (0, 1, 2):
                 c.append(("pc", {"predictor": predictor, "step_size": step_size, "n_corrector": nc}, "G4"))
             c.append(("pc", {"predictor": predictor, "step_size": step_size, "snr": 0.3}, "default4"))
+    for spl, denoise in ((3, True), (3, False), (1, True), (1, False)):
+        c.append(("annealed_langevin", {"steps_per_level": spl, "eps": 1e-5, "denoise": denoise}, "G4"))
+    c.append(("annealed_langevin", {}, "default4"))
     return c
 
 
@@ -92,13 +113,14 @@ CASES = _cases()
 # Every value of each order/variant knob must appear in some case (so a new value needs a golden too).
 REQUIRED = {
     **{name: {"variable": set(VARIABLES)} for name in RK},
-    "ab": {"order": {1, 2, 3, 4}, "ipndm": {True, False}, "variable": set(VARIABLES)},
-    "dpm_solver": {"order": {1, 2, 3}, "fast": {True, False}},
+    "ab": {"order": {1, 2, 3, 4}, "ipndm": {True, False}, "variable": set(VARIABLES), "startup": {"auto", "rk", "lower"}},
+    "dpm_solver": {"order": {1, 2, 3}, "fast": {True, False}, "final": {"x0", "t_end"}},
     "dpm_solver_pp": {"order": {1, 2, 3}, "method": {"multistep", "singlestep"}, "lower_order_final": {True, False},
                       "d2": {"taylor", "dpm_solver_code"}},
     "unipc": {"order": {1, 2, 3}, "variant": {"bh1", "bh2"}, "lower_order_final": {True, False}},
-    "ancestral": {"variant": {"ddpm", "euler"}},
+    "ancestral": {"variant": {"ddpm", "euler"}, "variance": {"posterior", "beta"}},
     "pc": {"predictor": {"reverse_diffusion", "euler_maruyama"}, "step_size": {"norms", "sigma2"}},
+    "annealed_langevin": {"denoise": {True, False}},
 }
 
 
@@ -187,3 +209,23 @@ def test_golden_cases_are_not_trivial(gmm_model):
         outs[key] = run_both(gmm_model, name, knobs, t, x_T)[0]
     for a, b in (("pp3_taylor", "pp3_code"), ("uni3_bh1", "uni3_bh2"), ("uni3_bh2", "uni3_lof")):
         assert float((outs[a] - outs[b]).abs().max()) > 1e-6, (a, b)
+
+
+def test_ancestral_variance_beta_differs_from_posterior(gmm_model):
+    """The two DDPM variances give different samples from the same noise, by more than rounding: the golden case
+    for 'beta' could not pass on the posterior's numbers."""
+    t = _grid(gmm_model, get_solver("ancestral"), "G6")
+    x_T = _x_T(gmm_model)
+    post, beta = (run_both(gmm_model, "ancestral", {"variance": v}, t, x_T)[0] for v in ("posterior", "beta"))
+    assert float((post - beta).abs().max()) > 1e-3
+
+
+def test_dpm_solver_final_and_allocations_differ(gmm_model):
+    """final t_end returns x at t[-1] (not its x0-prediction), and allocations of one grid differ from each other."""
+    t = _grid(gmm_model, get_solver("dpm_solver"), "G5edm")
+    x_T = _x_T(gmm_model)
+    out = {k: run_both(gmm_model, "dpm_solver", dict(kn), t, x_T)[0] for k, kn in {
+        "x0": {"orders": (3, 3, 3, 1)}, "t_end": {"orders": (3, 3, 3, 1), "final": "t_end"},
+        "alt": {"orders": (3, 3, 3, 2)}}.items()}
+    assert float((out["x0"] - out["t_end"]).abs().max()) > 1e-4
+    assert float((out["x0"] - out["alt"]).abs().max()) > 1e-6

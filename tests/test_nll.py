@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bench.metrics import make_metric
-from bench.metrics.nll import bits_offset, draw_probe, ode_logp
+from bench.metrics.nll import bits_offset, dequantize, draw_probe, ode_logp
+from bench.models.errors import ConfigError
 from metric_helpers import make_ctx, tiny_image_model
 from bench.models.dynamics import Dynamics
 from bench.solvers.timesteps import make_timesteps
@@ -56,21 +57,46 @@ def test_nll_of_rk_solver_converges_with_nfe(gmm_model, tmp_path):
     assert errs[0] > 2.5 * errs[1] > 6 * errs[2]
 
 
-def test_dequantized_bits_per_dim_follow_score_sde_offset(tmp_path):
+@pytest.mark.parametrize("cells", ["score_sde", "centred"])
+def test_dequantized_bits_per_dim_follow_the_cell_convention(tmp_path, cells):
     model, gauss = tiny_image_model(shape=(1, 2, 2), levels=17)
-    assert bits_offset(model) == pytest.approx(math.log2(17) - 1)
+    width = {"score_sde": 2 / 17, "centred": 2 / 16}[cells]                 # cell width in model space [-1, 1]
+    assert bits_offset(model, cells) == pytest.approx(-math.log2(width))   # log2(17) - 1 | log2(16) - 1
     ctx = make_ctx(model, torch.zeros(4, 1, 2, 2), tmp_path)
-    m = make_metric("nll", {"prior": "schedule", "rtol": 1e-7, "atol": 1e-7, "n_points": 64, "t_start": 1e-5})
+    m = make_metric("nll", {"prior": "schedule", "rtol": 1e-7, "atol": 1e-7, "n_points": 64, "t_start": 1e-5,
+                            "cells": cells})
     out = m.compute(ctx)
     x, kind = m._points(ctx)
-    assert kind == "real_test_uniform_dequantized" and m.protocol(ctx)["divergence"] == "exact"
-    # the dequantised points stay in their data cell: level k of 17 -> [k/17, (k+1)/17) of [0, 1]
+    proto = m.protocol(ctx)
+    assert kind == "real_test_uniform_dequantized" and proto["divergence"] == "exact" and proto["cells"] == cells
+    # each dequantised point stays in its level's cell: score_sde [k/17, (k+1)/17) of [0, 1], centred on k/16
     k = torch.round((model.real_data("test")[:64].double() + 1) / 2 * 16)
-    y = (x + 1) / 2 * 17
-    assert ((y >= k) & (y < k + 1)).all()
-    # expected: -log2 p(x)/D for the model-space density, plus log2(L) - log2(hi - lo)
-    expected = (-gauss.log_prob(x.flatten(1)) / (4 * math.log(2))).mean() + math.log2(17) - 1
+    left = {"score_sde": k * width - 1, "centred": k * width - 1 - width / 2}[cells]
+    assert ((x >= left) & (x < left + width)).all()
+    # expected: -log2 p(x)/D for the model-space density, plus -log2(cell width)
+    expected = (-gauss.log_prob(x.flatten(1)) / (4 * math.log(2))).mean() - math.log2(width)
     assert out["nll_bpd"] == pytest.approx(float(expected), abs=0.01)
+    assert proto["quantity"] == "discrete_nll_upper_bound" and proto["estimator"] == "monte_carlo"
+    assert out["nll_what"].startswith(f"Monte-Carlo estimate (1 uniform dequantisation draw per point in {cells} cells")
+
+
+def test_both_cell_conventions_use_the_same_uniform_draw():
+    model, _ = tiny_image_model(shape=(1, 2, 2), levels=17)
+    x = model.real_data("test")[:64]
+    k = torch.round((x.double() + 1) * 8)
+    u_sde = (dequantize(x, model, 0, range(64), "score_sde") + 1) / 2 * 17 - k
+    u_centred = (dequantize(x, model, 0, range(64), "centred") + 1) * 8 - k + 0.5
+    assert torch.allclose(u_sde, u_centred) and (u_sde >= 0).all() and (u_sde < 1).all()
+
+
+def test_protocol_says_whether_the_number_is_a_density_value_an_estimate_or_a_bound(gmm_model, tmp_path):
+    ctx = make_ctx(gmm_model, torch.zeros(2, 4), tmp_path)
+    p = make_metric("nll", {"divergence": "exact"}).protocol(ctx)
+    assert (p["quantity"], p["estimator"], p["cells"]) == ("continuous_density_nll", "ode", None)
+    assert make_metric("nll", {"divergence": "hutchinson"}).protocol(ctx)["estimator"] == "monte_carlo"
+    assert make_metric("nll", {"cells": "centred"}).protocol(ctx)["bits_offset"] == 0.0     # no levels on gmm
+    with pytest.raises(ConfigError, match="Valid values are: score_sde, centred"):
+        make_metric("nll", {"cells": "middle"})
 
 
 def test_nll_is_cached_by_model_and_protocol(gmm_model, tmp_path):

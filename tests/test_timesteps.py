@@ -91,3 +91,27 @@ def test_explicit_list_over_budget_is_refused(solver, nfe):
 def test_explicit_list_below_min_steps_is_refused():
     with pytest.raises(ConfigError, match="steps >= 2"):
         plan(_cfg({"name": "euler", "variable": "sigma_hat"}, 10, t=[1.0]))
+
+
+def test_every_time_step_schedule_has_a_yaml_and_every_yaml_a_schedule():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from bench.solvers.timesteps import TIMESTEPS
+    conf = Path(__file__).resolve().parents[1] / "conf" / "timesteps"
+    names = {OmegaConf.load(p).name for p in conf.glob("*.yaml")} - {"auto"}
+    assert names == set(TIMESTEPS), (sorted(names ^ set(TIMESTEPS)))
+
+
+@pytest.mark.parametrize("name,sch_name,kw", [
+    ("edm", "vp_linear", {}), ("edm", "vp_discrete", {"betas": "cosine"}), ("logsnr", "vp_discrete", {"betas": "cosine"}),
+    ("edm_vp", "vp_linear", {"t_min": 1e-5}), ("edm_ve", "ve", {"sigma_max": 100.0}), ("edm_ve", "vp_cosine", {})])
+def test_grid_ends_agree_with_the_declared_ends_before_pinning(name, sch_name, kw):
+    """make_timesteps pins t[0] and t[-1] to the schedule's declared ends; the grid function must already put them
+    there (to rounding), so pinning never hides a grid that starts or stops elsewhere."""
+    from bench.solvers.timesteps import ENDS, TIMESTEPS
+    sch = make_schedule(sch_name, **kw)
+    raw = TIMESTEPS[name](sch, 7)
+    first, last = ENDS[name](sch)
+    assert float(raw[0]) == pytest.approx(first, rel=1e-12) and float(raw[-1]) == pytest.approx(last, rel=1e-12)

@@ -43,9 +43,57 @@ def test_sweep_order_and_reference_cache(gmm_model, tmp_path):
             nfes.append(nfe)
             errs.append(out["trunc_rms"])
         assert fit_order(nfes, errs)[0] == pytest.approx(order, abs=0.3)
-    # one float64 reference for the whole sweep: same x_T, same t range, same tolerances
-    assert cache.computed["trunc_ref"] == before + 1
+    # the references of a sweep are shared: same x_T, same t range, same tolerance rungs; a rerun solves none
+    used = cache.computed["trunc_ref"] - before
+    assert 2 <= used <= 2 * 7                      # a full and a check solve per tolerance rung at most
+    for nfe in (20, 40, 80):
+        _trunc_row(gmm_model, "heun", nfe, tmp_path, profile=False)
+    assert cache.computed["trunc_ref"] - before == used
     assert proto["n_samples"] == 64 and proto["sample_indices"] == "0..63"
+
+
+def _ref_x0(model, x_T, t, tol=1e-11):
+    from bench.metrics.trunc import reference_solve
+    return reference_solve(model.net, model.schedule, x_T, t[0], t[-1], tol, tol)[0]
+
+
+@pytest.mark.parametrize("solver,nfe", [("heun", 41), ("rk4", 81)])
+def test_reference_error_is_measured_and_kept_below_a_tenth(gmm_model, tmp_path, solver, nfe):
+    """Started at a loose rtol = 1e-3, trunc tightens its reference until the measured reference error is <= 0.1 of
+    the value; the value then agrees with the error against an independent 1e-11 reference to that accuracy, and
+    trunc_ref_err estimates the chosen reference's true error (against 1e-11) within a factor 1.5."""
+    from bench.metrics.trunc import rms
+    out, proto, t = _trunc_row(gmm_model, solver, nfe, tmp_path, n=32, rtol=1e-3, atol=1e-3, check_samples=16)
+    assert out["trunc_ref_rtol"] < 1e-3 and not out["trunc_ref_limited"]
+    assert out["trunc_ref_err"] <= 0.1 * out["trunc_rms"]
+    rng = PerSampleRNG(0, range(32))
+    x_T = rng.randn(gmm_model.shape) * gmm_model.schedule.prior_std()
+    spec = get_solver(solver)
+    with torch.inference_mode():
+        x = spec.fn(Dynamics(gmm_model.net, gmm_model.schedule), x_T, t, rng)
+        exact = _ref_x0(gmm_model, x_T.double(), t)
+        chosen = _ref_x0(gmm_model, x_T[:16].double(), t, out["trunc_ref_rtol"])
+    true_err = rms(x, exact)
+    assert abs(out["trunc_rms"] - true_err) <= 0.1 * true_err + 1e-12
+    true_ref_err = rms(chosen, exact[:16])
+    assert true_ref_err / 1.5 <= out["trunc_ref_err"] <= 1.5 * true_ref_err
+    assert proto["rtol"] == 1e-3 and proto["ref_fraction"] == 0.1     # the policy, not the rung, is the protocol
+
+
+def test_reference_at_min_rtol_flags_the_value_as_limited(gmm_model, tmp_path):
+    out, _, _ = _trunc_row(gmm_model, "rk4", 161, tmp_path, n=16, rtol=1e-3, atol=1e-3, min_rtol=1e-3)
+    assert out["trunc_ref_rtol"] == 1e-3 and out["trunc_ref_limited"] is True
+    assert out["trunc_ref_err"] > 0.1 * out["trunc_rms"] and "limited by the reference" in out["trunc_note"]
+
+
+@pytest.mark.parametrize("knobs,msg", [({"min_rtol": 1e-3, "rtol": 1e-5}, "min_rtol"),
+                                       ({"check_samples": 0}, "check_samples"),
+                                       ({"ref_fraction": 1.5}, "ref_fraction"),
+                                       ({"ref_fraction": True}, "ref_fraction")])
+def test_bad_reference_knobs_are_config_errors(knobs, msg):
+    from bench.models.errors import ConfigError
+    with pytest.raises(ConfigError, match=msg):
+        make_metric("trunc", knobs)
 
 
 @pytest.mark.slow

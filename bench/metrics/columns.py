@@ -24,14 +24,16 @@ class Column:
     floors: tuple = ()                # (column, its sample-count column or None = the row's n_samples): values a
                                       # perfect sampler would get, drawn on plots at the matching sample count
     nfe_dependent: str | None = None  # protocol key whose value says the column depends on the solver (nll: solver)
+    what: str = ""                    # what the number is, in words: a value, an estimate or a bound, and of what
+                                      # (likelihood columns), for table captions
 
 
 def quality(name, label, unit, se, change, tol, **kw) -> Column:
     return Column(name, label, unit, quality=True, better="lower", se=se, change=change, tol=tol, **kw)
 
 
-def book(name, label, unit="") -> Column:
-    return Column(name, label, unit)
+def book(name, label, unit="", **kw) -> Column:
+    return Column(name, label, unit, **kw)
 
 
 def all_columns() -> dict[str, Column]:

@@ -11,11 +11,29 @@ x_t solving the ODE dx/dt = f(x, t) from the data point x_0 at t_start up to T.
 - Divergence: exact (one backward pass per dimension) or Hutchinson's estimator z^T (df/dx) z with one
   probe z per point, fixed for the whole solve (Grathwohl et al. 2019, eq. 7), Rademacher or Gaussian.
 - Prior at T: the schedule's N(0, sigma(T)^2 I), or for gmm the exact q_T.
-- Points: gmm, exact data samples; image models, model.real_data('test') with uniform dequantization.
-  Bits/dim follow score_sde: the density of x in model space [lo, hi] is turned into a discrete
-  likelihood of the L-level data by adding log2(L) - log2(hi - lo) per dimension (7 for 8-bit data in
-  [-1, 1]; log2(17) - 1 = 3.09 for digits' 17 levels), which is the change of variables from model
-  space to [0, L) where each integer cell has volume 1.
+- Points (data_points, shared with the elbo metric): gmm, exact data samples from the (seed, POINTS_STREAM)
+  generator; models with real data, the first n_points of model.real_data('test'); on L-level data in
+  [lo, hi] (images) each point is dequantised with one uniform draw u per dimension inside its level's cell.
+
+What the number is (the row's `nll_what` says it in words, the protocol's `quantity` and `estimator` in keys):
+- gmm and other continuous data: -log2 p(x)/D of the model's continuous density (the probability-flow ODE's
+  x_{t_start} marginal), an ODE estimate; with Hutchinson's divergence a Monte-Carlo estimate of it
+  (unbiased: the log-density is linear in the divergence).
+- L-level data: with cells C_k of volume V per dimension, the model's discrete probability of level k is
+  P(k) = int_{C_k} p, and by Jensen -log2 P(k) <= E_u[-log2 p(x(k, u))] - log2 V with x(k, u) uniform on C_k.
+  The number is a one-draw Monte-Carlo estimate of that upper bound on the discrete NLL (Theis et al. 2016;
+  Ho et al. 2019, Flow++), divided by D like every bits/dim.
+  Two cell conventions (knob `cells`):
+    score_sde  level k of L -> lo + (hi - lo) (k + u) / L: the unit cells of [0, L) mapped onto [lo, hi] as
+               score_sde does for 8-bit data ((255 x + u) / 256); V = (hi - lo) / L, so bits/dim add
+               log2(L) - log2(hi - lo) (7 for 8-bit data in [-1, 1]; log2(17) - 1 = 3.09 for digits).  The
+               level itself, lo + (hi - lo) k / (L - 1), sits off its cell's centre, at the cell's edge for
+               k = 0 and k = L - 1.
+    centred    level k -> lo + (hi - lo) (k + u - 1/2) / (L - 1): cells of width (hi - lo) / (L - 1) centred on
+               the levels (the bins of DDPM's discretised decoder, Ho et al. 2020, eq. 13); bits/dim add
+               log2(L - 1) - log2(hi - lo) (3 for digits).
+  The offsets differ by log2(L / (L - 1)) (0.006 bits/dim for 256 levels, 0.087 for 17); the density term
+  differs more where the network's density peaks at the levels: on digits 2.47 (score_sde) vs 2.11 (centred).
 """
 from __future__ import annotations
 
@@ -38,6 +56,7 @@ VARIABLES = ("t", "lambda", "sigma_hat")
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 PRIORS = ("schedule", "exact")
+CELLS = ("score_sde", "centred")
 POINTS_STREAM = 1 << 41          # generator stream offsets: data points, dequantisation noise, probes
 PROBE_STREAM = 1 << 42
 
@@ -128,42 +147,100 @@ def draw_probe(x, seed, indices, kind):
     return torch.sign(z) if kind == "rademacher" else z
 
 
-def bits_offset(model) -> float:
-    """Per-dimension term turning a model-space density into bits of the discrete data (score_sde)."""
-    if model.n_levels is None or model.data_range is None:
+def dequantized(model) -> bool:
+    """Whether the model's data are L-level values in [lo, hi] (images), so its NLL is a dequantised bound."""
+    return model.n_levels is not None and model.data_range is not None
+
+
+def bits_offset(model, cells: str = "score_sde") -> float:
+    """Per-dimension term -log2(cell width) turning a model-space density into bits of the discrete data."""
+    if not dequantized(model):
         return 0.0
     lo, hi = model.data_range
-    return math.log2(model.n_levels) - math.log2(hi - lo)
+    L = model.n_levels
+    return math.log2(L if cells == "score_sde" else L - 1) - math.log2(hi - lo)
 
 
-def dequantize(x, model, seed, indices):
-    """Uniform dequantisation: level k of L -> lo + (hi - lo) (k + u) / L with u ~ U[0, 1) per dimension."""
+def levels(x, model):
+    """The level index k in 0..L-1 of each value of L-level data in model space [lo, hi]."""
     lo, hi = model.data_range
     L = model.n_levels
-    k = torch.round((x.double() - lo) / (hi - lo) * (L - 1)).clamp(0, L - 1)
+    return torch.round((x.double() - lo) / (hi - lo) * (L - 1)).clamp(0, L - 1)
+
+
+def dequantize(x, model, seed, indices, cells: str = "score_sde"):
+    """Uniform dequantisation with u ~ U[0, 1) per dimension from point i's own generator: level k of L ->
+    lo + (hi - lo) (k + u) / L (score_sde) or lo + (hi - lo) (k + u - 1/2) / (L - 1) (centred on the level)."""
+    lo, hi = model.data_range
+    L = model.n_levels
+    k = levels(x, model)
     u = torch.stack([torch.rand(x.shape[1:], dtype=torch.float64, generator=g) for g in
                      PerSampleRNG(seed, [POINTS_STREAM + i for i in indices]).gens])
-    return lo + (hi - lo) * (k + u.to(x.device)) / L
+    if cells == "score_sde":
+        return lo + (hi - lo) * (k + u.to(x.device)) / L
+    return lo + (hi - lo) * (k + u.to(x.device) - 0.5) / (L - 1)
+
+
+def data_points(model, n: int, seed: int, metric: str = "nll"):
+    """The evaluation points of the likelihood metrics (nll, elbo) and their kind: gmm (a model with an exact
+    `data.sample`), n exact data samples from the (seed, POINTS_STREAM) generator; otherwise the first n
+    points of model.real_data('test'), as stored (L-level data are not dequantised here)."""
+    if model.data is not None and hasattr(model.data, "sample"):
+        g = torch.Generator().manual_seed(sample_seed(seed, POINTS_STREAM))
+        return model.data.sample(n, generator=g), "exact_data_samples"
+    if model.real_data is None:
+        raise ConfigError(f"{metric}: model '{model.name}' has no data to evaluate the likelihood on")
+    return model.real_data("test")[:n], "real_test"
+
+
+def points_kind(model) -> str:
+    if model.data is not None and hasattr(model.data, "sample"):
+        return "exact_data_samples"
+    return "real_test"
+
+
+NLL_WHAT = ("-log2 p(x)/D from the probability-flow ODE: on continuous data (gmm, toy2d) the model's continuous "
+            "density, an ODE value (exact divergence) or its Monte-Carlo estimate (Hutchinson probe); on L-level "
+            "data a Monte-Carlo estimate (one uniform dequantisation draw per point) of an upper bound on the "
+            "discrete NLL. The row's nll_what and the protocol's quantity/estimator say which")
+
+
+def describe_nll(p: dict, levels_: int | None) -> str:
+    """One sentence saying what an nll row's number is, from its protocol."""
+    solve = (f"{p['solver']} rtol={p['rtol']:g} atol={p['atol']:g}" if p["rtol"] is not None
+             else f"{p['solver']} at {p['nfe']} NFE")
+    draws = []
+    if p["cells"] is not None:
+        draws.append(f"1 uniform dequantisation draw per point in {p['cells']} cells")
+    if p["divergence"] == "hutchinson":
+        draws.append(f"1 {p['probe']} Hutchinson probe per point")
+    est = (f"Monte-Carlo estimate ({', '.join(draws)}; ODE {solve}, {p['divergence']} divergence)" if draws
+           else f"ODE value ({solve}, exact divergence)")
+    what = (f"an upper bound on the discrete NLL of the {levels_}-level data" if p["cells"] is not None
+            else "the NLL of the model's continuous density")
+    return f"{est} of {what}, from t_start={p['t_start']:g}, {p['points']}"
 
 
 @register_metric("nll")
 class NLL(Metric):
     columns = (
         quality("nll_bpd", "NLL (bits/dim)", "bits/dim", "nll_bpd_se", "absolute", "nll", nfe_dependent="solver",
-                se_how="over the points"),
+                se_how="over the points", what=NLL_WHAT),
         book("nll_bpd_se", "standard error of nll_bpd over the points", "bits/dim"),
         book("nll_nfe", "NFE of the likelihood solve", "NFE"),
         book("nll_bpd_exact", "analytic -log2 p(x)/D on the same points (gmm)", "bits/dim"),
+        book("nll_what", "what nll_bpd is: a value, an estimate or a bound, and of what"),
     )
 
     def __init__(self, solver: str = "dopri5", nfe: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
                  variable: str = "lambda", divergence: str = "auto", exact_max_dim: int = 16,
                  probe: str = "rademacher", prior: str = "schedule", n_points: int = 128,
-                 t_start: float | None = None, timesteps: str = "edm", batch_size: int = 256):
+                 t_start: float | None = None, timesteps: str = "edm", batch_size: int = 256,
+                 cells: str = "score_sde"):
         valid_solvers = ["run", *TABLEAUS, *ADAPTIVE]
         for name, val, allowed in (("solver", solver, valid_solvers), ("variable", variable, VARIABLES),
                                    ("divergence", divergence, DIVERGENCES), ("probe", probe, PROBES),
-                                   ("prior", prior, PRIORS)):
+                                   ("prior", prior, PRIORS), ("cells", cells, CELLS)):
             if val not in allowed:
                 raise ConfigError(f"nll: unknown {name} '{val}'. Valid values are: {', '.join(allowed)}.")
         if not isinstance(n_points, int) or n_points < 2:
@@ -173,7 +250,7 @@ class NLL(Metric):
                 raise ConfigError(f"nll: {k} must be a number in (0, 1), got {v!r}")
         super().__init__(solver=solver, nfe=nfe, rtol=rtol, atol=atol, variable=variable, divergence=divergence,
                          exact_max_dim=exact_max_dim, probe=probe, prior=prior, n_points=n_points,
-                         t_start=t_start, timesteps=timesteps, batch_size=batch_size)
+                         t_start=t_start, timesteps=timesteps, batch_size=batch_size, cells=cells)
 
     # --- resolved settings --------------------------------------------------------------------
     def _divergence(self, model):
@@ -205,34 +282,33 @@ class NLL(Metric):
         return solver, grid, variable
 
     def _points(self, ctx):
-        m, n, seed = ctx.model, self.knobs["n_points"], ctx.cfg.get("seed", 0)
-        if m.data is not None and hasattr(m.data, "sample"):
-            g = torch.Generator().manual_seed(sample_seed(seed, POINTS_STREAM))
-            return m.data.sample(n, generator=g), "exact_data_samples"
-        if m.real_data is None:
-            raise ConfigError(f"nll: model '{m.name}' has no data to evaluate the likelihood on")
-        x = m.real_data("test")[:n]
-        if m.n_levels is not None and m.data_range is not None:
-            return dequantize(x, m, seed, range(x.shape[0])), "real_test_uniform_dequantized"
-        return x.double(), "real_test"
+        m, seed = ctx.model, ctx.cfg.get("seed", 0)
+        x, kind = data_points(m, self.knobs["n_points"], seed)
+        if kind == "real_test" and dequantized(m):
+            return dequantize(x, m, seed, range(x.shape[0]), self.knobs["cells"]), "real_test_uniform_dequantized"
+        return x.double(), kind
+
+    def _points_kind(self, m):
+        kind = points_kind(m)
+        return "real_test_uniform_dequantized" if kind == "real_test" and dequantized(m) else kind
 
     def protocol(self, ctx):
         solver, grid, variable = self._solver_grid(ctx)
         adaptive = solver not in TABLEAUS
         m = ctx.model
+        div, deq = self._divergence(m), self._points_kind(m) == "real_test_uniform_dequantized"
         return {"metric": "nll", "units": "bits/dim", "solver": solver, "variable": variable,
                 "nfe": None if adaptive else len(TABLEAUS[solver][1]) * (len(grid) - 1),
                 "rtol": self.knobs["rtol"] if adaptive else None, "atol": self.knobs["atol"] if adaptive else None,
                 "grid": None if adaptive else [float(v) for v in grid],
-                "divergence": self._divergence(m), "probe": self.knobs["probe"] if self._divergence(m) != "exact"
-                else None, "prior": self.knobs["prior"], "t_start": float(grid[0]),
+                "divergence": div, "probe": self.knobs["probe"] if div != "exact" else None,
+                "prior": self.knobs["prior"], "t_start": float(grid[0]),
                 "points": self._points_kind(m), "n_points": self.knobs["n_points"],
-                "bits_offset": bits_offset(m), "dataset": m.dataset_id or m.name, "seed": ctx.cfg.get("seed", 0)}
-
-    def _points_kind(self, m):
-        if m.data is not None and hasattr(m.data, "sample"):
-            return "exact_data_samples"
-        return "real_test_uniform_dequantized" if m.n_levels and m.data_range else "real_test"
+                "quantity": "discrete_nll_upper_bound" if deq else "continuous_density_nll",
+                "estimator": "monte_carlo" if deq or div == "hutchinson" else "ode",
+                "cells": self.knobs["cells"] if deq else None,
+                "bits_offset": bits_offset(m, self.knobs["cells"]), "dataset": m.dataset_id or m.name,
+                "seed": ctx.cfg.get("seed", 0)}
 
     def compute(self, ctx: MetricContext) -> dict:
         """Cached on disk by model (config and weights) and protocol: the value does not depend on the run's
@@ -260,8 +336,9 @@ class NLL(Metric):
             logps.append(lp.cpu())
             nfe = max(nfe, n)
         D = int(torch.Size(m.shape).numel())
-        bpd = -torch.cat(logps) / (D * math.log(2)) + bits_offset(m)
-        out = {"nll_bpd": float(bpd.mean()), "nll_bpd_se": float(bpd.std() / math.sqrt(len(bpd))), "nll_nfe": nfe}
+        bpd = -torch.cat(logps) / (D * math.log(2)) + bits_offset(m, k["cells"])
+        out = {"nll_bpd": float(bpd.mean()), "nll_bpd_se": float(bpd.std() / math.sqrt(len(bpd))), "nll_nfe": nfe,
+               "nll_what": describe_nll(self.protocol(ctx), m.n_levels)}
         if m.data is not None and hasattr(m.data, "log_prob"):
             exact = -m.data.log_prob(x.flatten(1).cpu().double()) / (D * math.log(2))
             out["nll_bpd_exact"] = float(exact.mean())      # analytic -log2 p(x)/D on the same points

@@ -5,6 +5,12 @@
   with the same final step as the solvers (x0-prediction at the last positive sigma), so the number
   measures the solver's discretisation of [t_min, T].  Only the first `n_samples` samples are used; the
   reference is cached on disk keyed by model config, seed, sample indices, t range and tolerances.
+- The reference's own error is measured, not assumed: the first `check_samples` samples are solved again at
+  tolerances 10 times tighter, and the RMS difference (trunc_ref_err) estimates the reference's RMS error (dopri5's
+  error falls 8-19x per decade of tolerance on digits, so within about 15 %).  Where it exceeds `ref_fraction`
+  (0.1) of trunc_rms, the tolerances are tightened tenfold, down to `min_rtol`; a value still above is flagged
+  trunc_ref_limited.  Since |trunc_rms - true error| <= the reference's RMS error, the reported value is within
+  ref_fraction of the truth.  The row records the tolerance used (trunc_ref_rtol).
 - Local-error profile: for each step n of the run's grid, one step of the run's solver from the reference
   state at t_n to t_{n+1} (the solver called on the two-point grid, so it ends with its x0-prediction at
   t_{n+1}), against the reference's x0-prediction there; RMS per step.  Multistep solvers take their
@@ -112,19 +118,29 @@ class TruncationError(Metric):
                 "trunc_strong_rms_se", "ratio", "err", log=True, order=True, se_how="over samples, delta method"),
         book("trunc_strong_rms_se", "standard error of trunc_strong_rms over samples"),
         book("trunc_ref_nfe", "NFE of the reference solve", "NFE"),
+        book("trunc_ref_rtol", "rtol of the reference solve (atol scaled alike), after tightening"),
+        book("trunc_ref_err", "estimated RMS error of the reference: against a 10x tighter solve of the first "
+                              "check_samples samples"),
+        book("trunc_ref_limited", "true when trunc_ref_err > ref_fraction * trunc_rms at min_rtol: the value is "
+                                  "limited by its reference"),
         book("trunc_local_profile", "one-step local error per step"),
         book("trunc_note", "why trunc is not available"),
     )
-    def __init__(self, rtol: float = 1e-8, atol: float = 1e-8, method: str = "dopri5", n_samples: int = 256,
-                 profile: bool = True, profile_samples: int = 32, refine: int = 8):
-        for k, v, lo in (("n_samples", n_samples, 1), ("profile_samples", profile_samples, 1), ("refine", refine, 2)):
-            if not isinstance(v, int) or v < lo:
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5", n_samples: int = 256,
+                 profile: bool = True, profile_samples: int = 32, refine: int = 8, check_samples: int = 16,
+                 ref_fraction: float = 0.1, min_rtol: float = 1e-10):
+        for k, v, lo in (("n_samples", n_samples, 1), ("profile_samples", profile_samples, 1), ("refine", refine, 2),
+                         ("check_samples", check_samples, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"trunc: {k} must be an integer >= {lo}, got {v!r}")
-        for k, v in (("rtol", rtol), ("atol", atol)):
+        for k, v in (("rtol", rtol), ("atol", atol), ("min_rtol", min_rtol), ("ref_fraction", ref_fraction)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
                 raise ConfigError(f"trunc: {k} must be a number in (0, 1), got {v!r}")
+        if min_rtol > rtol:
+            raise ConfigError(f"trunc: min_rtol ({min_rtol}) must be <= rtol ({rtol}), the tolerance tightening starts from")
         super().__init__(rtol=rtol, atol=atol, method=method, n_samples=n_samples, profile=profile,
-                         profile_samples=profile_samples, refine=refine)
+                         profile_samples=profile_samples, refine=refine, check_samples=check_samples,
+                         ref_fraction=ref_fraction, min_rtol=min_rtol)
 
     def _n(self, ctx, key="n_samples"):
         return min(self.knobs[key], int(ctx.samples.shape[0]))
@@ -136,21 +152,22 @@ class TruncationError(Metric):
                     "refine": k["refine"], "noise": "brownian_path_per_sample", "n_samples": self._n(ctx),
                     "applicable": bool(ctx.spec.brownian)}
         return {"metric": "trunc", "reference": k["method"], "reference_dtype": "float64",
-                "rtol": k["rtol"], "atol": k["atol"], "variable": "log_sigma_hat",
+                "rtol": k["rtol"], "atol": k["atol"], "ref_fraction": k["ref_fraction"], "min_rtol": k["min_rtol"],
+                "check_samples": min(k["check_samples"], self._n(ctx)), "variable": "log_sigma_hat",
                 "final_step": "denoise", "statistic": "rms_per_dim", "n_samples": self._n(ctx),
                 "sample_indices": f"0..{self._n(ctx) - 1}",
                 "profile": "one_step_x0_rms" if k["profile"] else None,
                 "profile_samples": self._n(ctx, "profile_samples") if k["profile"] else None}
 
-    def _ref_key(self, ctx, n, t_part):
+    def _ref_key(self, ctx, n, t_part, rtol, atol):
         k = self.knobs
         return {"model": ctx.cfg.get("model"), "weights": model_fingerprint(ctx.model), "seed": ctx.cfg.get("seed"),
                 "indices": [0, n],
-                "t": [float(v) for v in t_part], "rtol": k["rtol"], "atol": k["atol"], "method": k["method"],
+                "t": [float(v) for v in t_part], "rtol": rtol, "atol": atol, "method": k["method"],
                 "x_T": tensor_hash(ctx.x_T[:n])}
 
-    def _reference(self, ctx, n):
-        """float64 reference x_0 of the first n samples, cached on disk."""
+    def _reference(self, ctx, n, rtol, atol):
+        """float64 reference x_0 of the first n samples at tolerances (rtol, atol), cached on disk."""
         m, k = ctx.model, self.knobs
 
         def solve():
@@ -158,27 +175,50 @@ class TruncationError(Metric):
             for i in range(0, n, ctx.batch_size):
                 with torch.inference_mode():
                     r, used = reference_solve(m.net, m.schedule, ctx.x_T[i:min(i + ctx.batch_size, n)],
-                                              ctx.t[0], ctx.t[-1], k["rtol"], k["atol"], k["method"])
+                                              ctx.t[0], ctx.t[-1], rtol, atol, k["method"])
                 refs.append(r.cpu())
                 nfe = max(nfe, used)
             return {"x0": torch.cat(refs), "nfe": nfe}
 
-        key = self._ref_key(ctx, n, [ctx.t[0], ctx.t[-1]])
+        key = self._ref_key(ctx, n, [ctx.t[0], ctx.t[-1]], rtol, atol)
         return cached(ctx.cfg.get("results_dir", "results"), "trunc_ref", key, solve)
+
+    def _tolerances(self):
+        """(rtol, atol) from the configured ones tightened tenfold at a time down to min_rtol."""
+        k = self.knobs
+        rtol, atol = float(k["rtol"]), float(k["atol"])
+        while True:
+            yield rtol, atol
+            if rtol / 10 < k["min_rtol"] * (1 - 1e-9):
+                return
+            rtol, atol = rtol / 10, atol / 10
 
     def compute(self, ctx: MetricContext) -> dict:
         if ctx.spec.stochastic:
             return self._stochastic(ctx)
-        n, m, k = self._n(ctx), ctx.model, self.knobs
-        ref = self._reference(ctx, n)
-        err, se = rms_se(ctx.samples[:n], ref["x0"].to(ctx.samples.device))
-        out = {"trunc_rms": err, "trunc_rms_se": se, "trunc_ref_nfe": ref["nfe"]}
+        n, k = self._n(ctx), self.knobs
+        m_chk = min(k["check_samples"], n)
+        x = ctx.samples[:n]
+        for rtol, atol in self._tolerances():
+            ref = self._reference(ctx, n, rtol, atol)
+            err, se = rms_se(x, ref["x0"].to(x.device))
+            tight = self._reference(ctx, m_chk, rtol / 10, atol / 10)
+            ref_err = rms(ref["x0"][:m_chk], tight["x0"])
+            if ref_err <= k["ref_fraction"] * err:
+                break
+        limited = bool(ref_err > k["ref_fraction"] * err)
+        out = {"trunc_rms": err, "trunc_rms_se": se, "trunc_ref_nfe": ref["nfe"], "trunc_ref_rtol": rtol,
+               "trunc_ref_err": ref_err, "trunc_ref_limited": limited}
+        if limited:
+            out["trunc_note"] = (f"limited by the reference: its estimated error {ref_err:.3g} exceeds "
+                                 f"{k['ref_fraction']} x trunc_rms at rtol = {rtol:g} (min_rtol); lower "
+                                 f"metric_cfg.trunc.min_rtol")
         ctx.cache["trunc_reference"] = ref["x0"]
         if k["profile"]:
-            out["trunc_local_profile"] = self._profile(ctx)
+            out["trunc_local_profile"] = self._profile(ctx, rtol, atol)
         return out
 
-    def _profile(self, ctx):
+    def _profile(self, ctx, rtol, atol):
         m, k, spec = ctx.model, self.knobs, ctx.spec
         if spec.min_steps > 2:
             return f"n/a: solver '{spec.name}' needs at least {spec.min_steps} grid points per call"
@@ -186,10 +226,10 @@ class TruncationError(Metric):
 
         def solve():
             with torch.inference_mode():
-                traj, _ = reference_trajectory(m.net, m.schedule, ctx.x_T[:n], ctx.t, k["rtol"], k["atol"], k["method"])
+                traj, _ = reference_trajectory(m.net, m.schedule, ctx.x_T[:n], ctx.t, rtol, atol, k["method"])
             return traj.cpu()
 
-        traj = cached(ctx.cfg.get("results_dir", "results"), "trunc_traj", self._ref_key(ctx, n, ctx.t), solve)
+        traj = cached(ctx.cfg.get("results_dir", "results"), "trunc_traj", self._ref_key(ctx, n, ctx.t, rtol, atol), solve)
         return local_error_profile(m, spec, ctx.knobs, ctx.t, ctx.x_T[:n], traj.to(ctx.x_T.device), ctx.dtype)
 
     def _stochastic(self, ctx):
