@@ -210,15 +210,15 @@ def _rk_startup(V, s0, s1, y, f0, order):
     return y + h * (f0 + 4 * f1 + f2) / 6
 
 
-def ab_golden(M: Net, x, t, order=2, ipndm=False, variable="sigma_hat", startup="auto"):
+def ab_golden(M: Net, x, t, order=2, ipndm=False, variable="sigma_hat", startup="lower"):
     """Adams-Bashforth-k (variable-step) or iPNDM (Zhang & Chen 2023: fixed-step AB weights), one evaluation per grid
-    point; the first k-1 steps with the orders the history allows (startup 'lower', iPNDM's 'auto') or, for k >= 3,
-    Runge-Kutta steps of order k-1 (startup 'rk', AB's 'auto'); then x0 at t[-1]."""
+    point; the first k-1 steps with the orders the history allows (startup 'lower') or, for k >= 3, Runge-Kutta
+    steps of order k-1 (startup 'rk'); then x0 at t[-1]."""
     V = _Variable(M, variable)
     ts = _times(t)
     s = [V.s(v) for v in ts]
     y = V.to_y(x, ts[0])
-    rk = (startup == "rk" or (startup == "auto" and not ipndm)) and order >= 3
+    rk = startup == "rk" and order >= 3
     derivs = []                                   # newest first
     for n in range(len(ts) - 1):
         derivs = [V.rhs(s[n], y)] + derivs
@@ -570,4 +570,245 @@ def golden(name: str, M: Net, x, t, rng, **knobs):
         return pc_golden(M, x, t, rng, **knobs)
     if name == "annealed_langevin":
         return annealed_langevin_golden(M, x, t, rng, **knobs)
+    if name == "dpm_solver_pp_sde":
+        return dpm_pp_sde_golden(M, x, t, rng, **knobs)
+    if name == "sa_solver":
+        return sa_solver_golden(M, x, t, rng, **knobs)
+    if name == "restart":
+        return restart_golden(M, x, t, rng, **knobs)
+    if name == "deis":
+        return deis_golden(M, x, t, **knobs)
+    if name == "ipndm_v":
+        return ipndm_v_golden(M, x, t, **knobs)
     raise KeyError(f"no golden algorithm for solver '{name}'")
+
+
+# ----------------------------------------------------------------- SDE multistep: DPM-Solver++ SDE, SA-Solver
+def _kernel_integral(h, c, f):
+    """int_0^h c e^{-c (h - u)} f(u) du by 40-point Gauss-Legendre (exact to rounding for these smooth integrands):
+    the weight of x0 in the exact solution of dx = [f x - c/2 g^2 score] dt + sqrt(c - 1) g dW over one step in
+    lambda (data prediction; Xue et al. 2023's variance-controlled SDE with c = 1 + tau^2, eta = tau^2)."""
+    xg, wg = np.polynomial.legendre.leggauss(40)
+    u = (xg + 1) * h / 2
+    return float((wg * h / 2 * c * np.exp(-c * (h - u)) * f(u)).sum())
+
+
+def dpm_pp_sde_golden(M: Net, x, t, rng, order=2, eta=1.0, solver_type="midpoint", d2="taylor",
+                      lower_order_final=True):
+    """DPM-Solver++(2M/3M) SDE in k-diffusion's variables x_hat = x/alpha, sigma_hat = e^{-lambda} (sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde; Lu et al. 2022b's SDE-DPM-Solver++ at eta = 1):
+    x_hat' = (s'/s) e^{-eta h} x_hat + int_0^h (1+eta) e^{-(1+eta)(h-u)} p(u) du + s' sqrt(1 - e^{-2 eta h}) z,
+    p the x0 expansion: order 1 constant; order 2 'heun' the line through the last two predictions integrated exactly,
+    'midpoint' (1 - e^{-(1+eta)h})/2 times h * slope; order 3 the Taylor polynomial of the quadratic through three
+    predictions (its second-derivative term halved for d2='dpm_solver_code').  Warm-up min(order, i+1); lowered last
+    interval as dpm_pp_multistep_golden.  z from rng.increment only where eta > 0.  Then x0 at t[-1]."""
+    ts = _times(t)
+    n = len(ts)
+    lams = [M.lam(v) for v in ts]
+    c = 1.0 + eta
+    xh = x / M.alpha(ts[0])
+    hist = []
+    for i in range(n - 1):
+        hist = [(lams[i], M.x0_pred(M.alpha(ts[i]) * xh, ts[i]))] + hist[:2]
+        z = rng.increment(x, t[i], t[i + 1]) if eta > 0 else None
+        k = min(order, i + 1)
+        if lower_order_final and n < 15 and i == n - 2:
+            k = min(k, 2)
+        h = lams[i + 1] - lams[i]
+        s0, s1 = M.sig_hat(ts[i]), M.sig_hat(ts[i + 1])
+        m0 = hist[0][1]
+        new = (s1 / s0) * math.exp(-eta * h) * xh + _kernel_integral(h, c, lambda u: np.ones_like(u)) * m0
+        if k == 2:
+            slope = (m0 - hist[1][1]) / (hist[0][0] - hist[1][0])
+            if solver_type == "heun":
+                new = new + _kernel_integral(h, c, lambda u: u) * slope
+            else:
+                new = new + 0.5 * (1 - math.exp(-c * h)) * h * slope
+        elif k == 3:
+            (l0, a), (l1, b), (l2, e) = hist
+            f01, f12 = (a - b) / (l0 - l1), (b - e) / (l1 - l2)
+            f012 = (f01 - f12) / (l0 - l2)
+            d1 = f01 + f012 * (l0 - l1)
+            d2v = 2 * f012 * (1.0 if d2 == "taylor" else 0.5)
+            new = new + _kernel_integral(h, c, lambda u: u) * d1 + _kernel_integral(h, c, lambda u: u * u / 2) * d2v
+        if z is not None:
+            new = new + s1 * math.sqrt(1 - math.exp(-2 * eta * h)) * z
+        xh = new
+        x = xh * M.alpha(ts[i + 1])
+    return M.x0_pred(x, ts[-1])
+
+
+def _lagrange(nodes, j):
+    """The j-th Lagrange basis polynomial through `nodes`, as a function of u (numpy)."""
+    def f(u):
+        out = np.ones_like(u)
+        for m, lm in enumerate(nodes):
+            if m != j:
+                out = out * (u - lm) / (nodes[j] - lm)
+        return out
+    return f
+
+
+def _sa_step(M: Net, x, ts, lams, i, nodes_lam, x0s, tau, z, order2):
+    """One SA-Predictor / SA-Corrector step t_i -> t_{i+1} (Xue et al. 2023), data prediction: x0 replaced by its
+    Lagrange interpolant through (nodes_lam, x0s), integrated exactly against the kernel of the SDE with tau.
+    order2='sa_solver_code' with two nodes: the SA-Solver code's extra term alpha_t [c h^2/2 - int c e^{..} u du] times
+    the slope between the two nodes (diffusers' SASolverScheduler, 'similar to UniPC')."""
+    h = lams[i + 1] - lams[i]
+    c = 1.0 + tau * tau
+    a_t = M.alpha(ts[i + 1])
+    nodes = [lj - lams[i] for lj in nodes_lam]
+    new = (M.sigma(ts[i + 1]) / M.sigma(ts[i])) * math.exp(-tau * tau * h) * x
+    for j, mj in enumerate(x0s):
+        new = new + a_t * _kernel_integral(h, c, _lagrange(nodes, j)) * mj
+    if len(x0s) == 2 and order2 == "sa_solver_code":
+        slope = (x0s[0] - x0s[1]) / (nodes_lam[0] - nodes_lam[1])
+        new = new + a_t * (c * h * h / 2 - _kernel_integral(h, c, lambda u: u)) * slope
+    if z is not None:
+        new = new + M.sigma(ts[i + 1]) * math.sqrt(1 - math.exp(-2 * tau * tau * h)) * z
+    return new
+
+
+def sa_solver_golden(M: Net, x, t, rng, predictor_order=3, corrector_order=4, tau=1.0, tau_sigma_min=0.72,
+                     tau_sigma_max=25.1, order2="sa_solver_code"):
+    """SA-Solver (Xue et al. 2023): tau_i = tau where sigma_hat(t_i) is in [tau_sigma_min, tau_sigma_max], else 0 (the
+    paper's piecewise-constant tau); z_i from rng.increment where tau_i > 0.  Predictor of order min(p, i+1) on nodes
+    t_i, t_{i-1}, ...; evaluation at the predicted point; corrector of order min(c, i+2) on t_{i+1}, t_i, ... from x_i
+    with the same tau_i and z_i, none after the last interval; the corrected state replaces the predicted one and the
+    evaluation at the predicted point is the history.  Then x0 at t[-1] (that last evaluation)."""
+    ts = _times(t)
+    n = len(ts)
+    lams = [M.lam(v) for v in ts]
+    ms = [M.x0_pred(x, ts[0])]                      # oldest first
+    for i in range(n - 1):
+        tau_i = tau if tau_sigma_min <= M.sig_hat(ts[i]) <= tau_sigma_max else 0.0
+        z = rng.increment(x, t[i], t[i + 1]) if tau_i > 0 else None
+        kp = min(predictor_order, i + 1)
+        x_pred = _sa_step(M, x, ts, lams, i, lams[i + 1 - kp:i + 1][::-1], ms[::-1][:kp], tau_i, z, order2)
+        m_new = M.x0_pred(x_pred, ts[i + 1])
+        kc = min(corrector_order, i + 2)
+        if kc > 0 and i < n - 2:
+            x_pred = _sa_step(M, x, ts, lams, i, lams[i + 2 - kc:i + 2][::-1], (ms + [m_new])[::-1][:kc], tau_i, z,
+                              order2)
+        x = x_pred
+        ms.append(m_new)
+    return ms[-1]
+
+
+# ------------------------------------------------------------------------------------------ Restart sampling
+def restart_golden(M: Net, x, t, rng, restart=((0.06, 0.30, 2, 2),), S_noise=1.0):
+    """Xu et al. 2023, Alg. 1 on EDM's Heun (Karras et al. 2022, Alg. 1) in sigma_hat with t_N = 0 appended, as the
+    paper's generate_restart.py: t_min of each interval moved to the nearest main-grid sigma; after the main step that
+    reaches it, K times: x_hat += S_noise sqrt(t_max^2 - t_min^2) z (z from rng.randn_like), then N Heun steps on the
+    rho = 7 grid from t_max down to t_min.  The last main step is Euler (to sigma = 0)."""
+    sig = [M.sig_hat(v) for v in _times(t)]
+    plan = {}
+    for s_min, s_max, K, N in restart:
+        j = int(np.argmin([abs(s - s_min) for s in sig]))
+        plan.setdefault(j, []).append((s_max, K, N))
+    sig = sig + [0.0]
+
+    def D(x_hat, s):
+        ts = M.t_of_sig_hat(s)
+        return x_hat - s * M.eps(M.alpha(ts) * x_hat, ts)
+
+    def heun(xh, s_cur, s_next):
+        d = (xh - D(xh, s_cur)) / s_cur
+        xn = xh + (s_next - s_cur) * d
+        if s_next != 0:
+            d2 = (xn - D(xn, s_next)) / s_next
+            xn = xh + (s_next - s_cur) * (0.5 * d + 0.5 * d2)
+        return xn
+
+    xh = x / M.alpha(float(t[0]))
+    for i in range(len(sig) - 1):
+        xh = heun(xh, sig[i], sig[i + 1])
+        for s_max, K, N in plan.get(i + 1, []):
+            t_min = sig[i + 1]
+            grid = [(s_max ** (1 / 7) + k / N * (t_min ** (1 / 7) - s_max ** (1 / 7))) ** 7 for k in range(N + 1)]
+            grid[0], grid[-1] = s_max, t_min
+            for _ in range(K):
+                xh = xh + rng.randn_like(xh) * math.sqrt(s_max ** 2 - t_min ** 2) * S_noise
+                for k in range(N):
+                    xh = heun(xh, grid[k], grid[k + 1])
+    return xh
+
+
+# ------------------------------------------------------------------- DEIS (Zhang & Chen 2023), ipndm_v (diff-sampler)
+def _deis_C(M: Net, t_from, t_to, v_of_t, nodes):
+    """[C_i0, C_i1, ...]: C_ij = int_{t_from}^{t_to} Psi(t_to, tau) g^2(tau)/(2 sigma(tau)) l_j(v(tau)) dtau (Zhang & Chen
+    2023, eq. 17 with L = sigma, Psi(t, s) = alpha(t)/alpha(s)), l_j the Lagrange basis on `nodes` (values of v).
+    Composite Gauss-Legendre in t on pieces growing geometrically (ratio 2) away from the smaller end, where
+    g^2/sigma ~ tau^-1/2."""
+    lo, hi = min(t_from, t_to), max(t_from, t_to)
+    edges = [lo]
+    while edges[-1] * 2 < hi:
+        edges.append(edges[-1] * 2)
+    edges.append(hi)
+    xg, wg = np.polynomial.legendre.leggauss(16)
+    C = [0.0] * len(nodes)
+    for a, b in zip(edges[:-1], edges[1:]):
+        for xi, wi in zip(xg, wg):
+            tau = (a + b) / 2 + (b - a) / 2 * float(xi)
+            f = (b - a) / 2 * float(wi) * M.alpha(t_to) / M.alpha(tau) * M.g2(tau) / (2 * M.sigma(tau))
+            v = v_of_t(tau)
+            for j in range(len(nodes)):
+                lj = 1.0
+                for m, vm in enumerate(nodes):
+                    if m != j:
+                        lj *= (v - vm) / (nodes[j] - vm)
+                C[j] += f * lj
+    return C if t_to > t_from else [-c for c in C]
+
+
+def deis_golden(M: Net, x, t, order=2, method="tab", startup="lower"):
+    """DEIS (Zhang & Chen 2023), eq. 16-17: x_{i+1} = Psi(t_{i+1}, t_i) x_i + sum_j C_ij eps_{i-j}, eps extrapolated by the
+    degree-r polynomial through the last r + 1 evaluations in v = t (tAB), rho = sigma_hat (rhoAB) or log rho = -lambda
+    (logrho, diffusers' variant); warm-up with min(r, i) + 1 points, or (startup 'rk', r >= 2) the first r steps as
+    Runge-Kutta steps of order r in x_hat and sigma_hat (rhoRK: heun, Kutta's third order); then x0 at t[-1]."""
+    v_of_t = {"tab": float, "rhoab": M.sig_hat, "logrho": lambda u: -M.lam(u)}[method]
+    ts = _times(t)
+    V = _Variable(M, "sigma_hat")
+    n_rk = min(order, len(ts) - 1) if startup == "rk" and order >= 2 else 0
+    eps = []                                      # newest first
+    for i in range(len(ts) - 1):
+        eps = [M.eps(x, ts[i])] + eps
+        if i < n_rk:
+            y = _rk_startup(V, M.sig_hat(ts[i]), M.sig_hat(ts[i + 1]), x / M.alpha(ts[i]), eps[0], order + 1)
+            x = y * M.alpha(ts[i + 1])
+            continue
+        nodes = [v_of_t(ts[i - j]) for j in range(min(order, i) + 1)]
+        C = _deis_C(M, ts[i], ts[i + 1], v_of_t, nodes)
+        x = M.alpha(ts[i + 1]) / M.alpha(ts[i]) * x + sum(c * e for c, e in zip(C, eps))
+    return M.x0_pred(x, ts[-1])
+
+
+def ipndm_v_golden(M: Net, x, t, order=4):
+    """zju-pi/diff-sampler's ipndm_v_sampler in sigma_hat, its coefficients written out term by term (h_n = next step,
+    h_n_k = the k-th previous one); orders min(order, i + 1); then x0 at t[-1]."""
+    ts = _times(t)
+    sig = [M.sig_hat(v) for v in ts]
+    xh = x / M.alpha(ts[0])
+    d = []                                        # eps, newest first
+    for i in range(len(ts) - 1):
+        d = [M.eps(M.alpha(ts[i]) * xh, ts[i])] + d
+        k = min(order, i + 1)
+        hn = sig[i + 1] - sig[i]
+        if k == 1:
+            c = [1.0]
+        else:
+            hn1 = sig[i] - sig[i - 1]
+            c = [(2 + hn / hn1) / 2, -(hn / hn1) / 2]
+        if k >= 3:
+            hn2 = sig[i - 1] - sig[i - 2]
+            t1 = (1 - hn / (3 * (hn + hn1)) * (hn * (hn + hn1)) / (hn1 * (hn1 + hn2))) / 2
+            c = [c[0] + t1, c[1] - (1 + hn1 / hn2) * t1, t1 * hn1 / hn2]
+        if k == 4:
+            hn3 = sig[i - 2] - sig[i - 3]
+            t2 = ((1 - hn / (3 * (hn + hn1))) / 2 + (1 - hn / (2 * (hn + hn1))) * hn / (6 * (hn + hn1 + hn2))) \
+                * (hn * (hn + hn1) * (hn + hn1 + hn2)) / (hn1 * (hn1 + hn2) * (hn1 + hn2 + hn3))
+            q = hn1 * (hn1 + hn2) / (hn2 * (hn2 + hn3))
+            c = [c[0] + t2, c[1] - (1 + hn1 / hn2 + q) * t2, c[2] + (hn1 / hn2 + q * (1 + hn2 / hn3)) * t2,
+                 -t2 * q * hn1 / hn2]
+        xh = xh + hn * sum(cj * dj for cj, dj in zip(c, d))
+    return M.x0_pred(M.alpha(ts[-1]) * xh, ts[-1])

@@ -81,7 +81,7 @@ def test_chain_is_ddpm_with_betas_recomputed_from_alpha_bar_of_the_kept_steps():
         assert torch.allclose(ch.var_post, beta_tilde, rtol=1e-9, atol=1e-15)
         assert torch.allclose(ch.c_0, a_prev.sqrt() * beta / (1 - a_bar), rtol=1e-9)
         assert torch.allclose(ch.c_x, (1 - beta).sqrt() * (1 - a_prev) / (1 - a_bar), rtol=1e-9)
-        for variance in ("beta", "beta_tilde"):                     # the decoder's sigma_1^2 = beta_1 under both
+        for variance in ("beta", "posterior"):                     # the decoder's sigma_1^2 = beta_1 under both
             assert torch.allclose(ch.reverse_var(variance)[0], beta[0])
         # eq. 11: mu = (x_k - beta / sqrt(1 - abar) eps) / sqrt(alpha), here per row with its own step
         g = torch.Generator().manual_seed(1)
@@ -100,7 +100,7 @@ def test_continuous_schedules_take_a_uniform_grid_from_t_min_to_T():
     assert chain_times(m.schedule, 1)[0].tolist() == [1.0]
 
 
-@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
 @pytest.mark.parametrize("schedule,K,k", [("vp_linear", 10, 3), ("ve", 10, 5), ("vp_discrete", 20, 1)])
 def test_kl_term_of_the_exact_model_equals_a_monte_carlo_of_log_q_over_p(schedule, K, k, variance):
     """E_{x_k|x_0} KL(q(x_{k-1}|x_k,x_0) || p(x_{k-1}|x_k)) as the metric computes it (closed-form KL, x_k drawn)
@@ -181,8 +181,8 @@ def test_per_point_values_do_not_depend_on_batching_or_on_the_other_points():
 
 # ------------------------------------------------------------------------ the bound against the exact NLL
 @pytest.mark.parametrize("schedule,K,variance,n", [
-    ("vp_linear", 10, "beta", 2048), ("vp_linear", 10, "beta_tilde", 2048), ("vp_linear", 100, "beta", 1024),
-    ("ve", 100, "beta_tilde", 1024), ("vp_discrete", 10, "beta", 2048), ("vp_discrete", 1, "beta", 2048),
+    ("vp_linear", 10, "beta", 2048), ("vp_linear", 10, "posterior", 2048), ("vp_linear", 100, "beta", 1024),
+    ("ve", 100, "posterior", 1024), ("vp_discrete", 10, "beta", 2048), ("vp_discrete", 1, "beta", 2048),
 ])
 def test_bound_is_above_the_exact_nll(schedule, K, variance, n):
     """Cross-entropy >= entropy: the mean bound over exact data samples is at least the mean exact -log2 q(x_0);
@@ -197,27 +197,27 @@ def test_bound_falls_towards_the_nll_as_steps_grow():
     variance is far too small on coarse steps)."""
     m = gmm()
     gaps = {}
-    for variance in ("beta_tilde", "beta"):
+    for variance in ("posterior", "beta"):
         for K in (10, 100):
             bound, exact = per_point_bound(m, K, variance, 1024)
             gaps[variance, K] = mean_se(bound - exact)
     (b10, s10), (b100, s100) = gaps["beta", 10], gaps["beta", 100]
     assert b10 - b100 > 4 * math.hypot(s10, s100) and 0.1 < b10 < 0.5 and abs(b100) < 0.1
-    assert gaps["beta_tilde", 10][0] > 100 > gaps["beta_tilde", 100][0] > 5
+    assert gaps["posterior", 10][0] > 100 > gaps["posterior", 100][0] > 5
 
 
 @pytest.mark.slow
 def test_bound_at_1000_steps_is_within_its_error_of_the_nll():
     m = gmm()
     out = {}
-    for variance in ("beta_tilde", "beta"):
+    for variance in ("posterior", "beta"):
         for K in (100, 1000):
             bound, exact = per_point_bound(m, K, variance, 2048)
             out[variance, K] = mean_se(bound - exact)
     g, se = out["beta", 1000]
     assert -3 * se < g < 0.05 + 3 * se
-    g_t, se_t = out["beta_tilde", 1000]
-    assert out["beta_tilde", 100][0] > g_t > 3 * se_t and g_t < 1.0     # beta_tilde is still loose at K = 1000
+    g_t, se_t = out["posterior", 1000]
+    assert out["posterior", 100][0] > g_t > 3 * se_t and g_t < 1.0     # beta_tilde is still loose at K = 1000
 
 
 def test_discrete_bound_is_above_the_entropy_of_the_quantised_data(tmp_path):
@@ -252,7 +252,7 @@ def test_discrete_bound_is_above_the_entropy_of_the_quantised_data(tmp_path):
     ({"steps": 2.5}, "steps must be null or an integer >= 1"),
     ({"steps": "10"}, "steps must be null or an integer >= 1"),
     ({"steps": True}, "steps must be null or an integer >= 1"),
-    ({"variance": "learned"}, "Valid values are: beta_tilde, beta"),
+    ({"variance": "learned"}, "Valid values are: posterior, beta"),
     ({"n_points": 1}, "n_points must be an integer >= 2"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
 ])

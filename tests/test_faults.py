@@ -324,7 +324,7 @@ def test_stale_temporary_files_are_cleaned(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- divergence
-ENDPOINT_STAGE = {"heun", "rk3", "rk4", "edm_stochastic", "pc", "unipc"}   # evaluate at their step's end point
+ENDPOINT_STAGE = {"heun", "rk3", "rk4", "edm_stochastic", "pc", "unipc", "restart", "sa_solver"}   # evaluate at their step's end point
 
 
 def _solvers():

@@ -110,10 +110,45 @@ def _cases():
 
 CASES = _cases()
 
+
+def _sde_cases():
+    """dpm_solver_pp_sde, sa_solver and restart (solvers/sde_multistep.py, solvers/restart.py)."""
+    c = []
+    for st in ("midpoint", "heun"):
+        for eta in (0.0, 1.0, 2.5):
+            for g in ("G4", "default6"):
+                c.append(("dpm_solver_pp_sde", {"order": 2, "solver_type": st, "eta": eta}, g))
+        for d2 in ("taylor", "dpm_solver_code"):
+            for lof in (True, False):
+                for g in ("G6", "default6"):
+                    c.append(("dpm_solver_pp_sde", {"order": 3, "solver_type": st, "d2": d2, "lower_order_final": lof,
+                                                    "eta": 1.0}, g))
+        c.append(("dpm_solver_pp_sde", {"order": 3, "solver_type": st, "eta": 0.5}, "default8"))
+        c.append(("dpm_solver_pp_sde", {"order": 3, "solver_type": st, "eta": 0.0, "lower_order_final": False}, "G6"))
+    for p in (1, 2, 3, 4):
+        for cor in (0, 1, 2, 3, 4):
+            for o2 in ("sa_solver_code", "lagrange"):
+                c.append(("sa_solver", {"predictor_order": p, "corrector_order": cor, "order2": o2}, "G6"))
+        c.append(("sa_solver", {"predictor_order": p, "corrector_order": p + 1 if p < 4 else 4}, "default8"))
+    for tau in (0.0, 0.5, 2.0):              # tau on every step (sigma range [0, inf]) and on part of a grid
+        c.append(("sa_solver", {"tau": tau, "tau_sigma_min": 0.0, "tau_sigma_max": float("inf")}, "default6"))
+        c.append(("sa_solver", {"tau": tau, "tau_sigma_min": 0.5, "tau_sigma_max": 20.0, "predictor_order": 2,
+                                "corrector_order": 3}, "G4"))
+    for restart, g in ((((0.06, 0.30, 2, 2),), "G5edm"), (((0.06, 0.30, 2, 2),), "default8"),
+                       (((0.1, 1.0, 1, 3), (1.0, 5.0, 2, 1)), "default8"),        # two intervals at two grid points
+                       (((0.7, 2.0, 1, 1), (0.75, 3.0, 1, 2)), "G5edm"),          # two intervals at one grid point
+                       (((0.1, 1.0, 0, 3),), "default6"), ((), "G5edm")):         # K = 0 / none: plain Heun
+        c.append(("restart", {"restart": restart}, g))
+    c.append(("restart", {"restart": ((0.5, 3.0, 3, 2),), "S_noise": 1.003}, "G5edm"))
+    return c
+
+
+CASES += _sde_cases()
+
 # Every value of each order/variant knob must appear in some case (so a new value needs a golden too).
 REQUIRED = {
     **{name: {"variable": set(VARIABLES)} for name in RK},
-    "ab": {"order": {1, 2, 3, 4}, "ipndm": {True, False}, "variable": set(VARIABLES), "startup": {"auto", "rk", "lower"}},
+    "ab": {"order": {1, 2, 3, 4}, "ipndm": {True, False}, "variable": set(VARIABLES), "startup": {"rk", "lower"}},
     "dpm_solver": {"order": {1, 2, 3}, "fast": {True, False}, "final": {"x0", "t_end"}},
     "dpm_solver_pp": {"order": {1, 2, 3}, "method": {"multistep", "singlestep"}, "lower_order_final": {True, False},
                       "d2": {"taylor", "dpm_solver_code"}},
@@ -122,7 +157,21 @@ REQUIRED = {
     "pc": {"predictor": {"reverse_diffusion", "euler_maruyama"}, "step_size": {"norms", "sigma2"}},
     "annealed_langevin": {"denoise": {True, False}},
 }
+REQUIRED.update({
+    "dpm_solver_pp_sde": {"order": {2, 3}, "solver_type": {"midpoint", "heun"}, "d2": {"taylor", "dpm_solver_code"},
+                          "lower_order_final": {True, False}},
+    "sa_solver": {"predictor_order": {1, 2, 3, 4}, "corrector_order": {0, 1, 2, 3, 4},
+                  "order2": {"sa_solver_code", "lagrange"}},
+})
 
+
+# DEIS (solvers/deis.py) and the variable-step iPNDM (solvers/ipndm_v.py).
+CASES += [("deis", {"order": r, "method": m, "startup": st}, g) for r in (1, 2, 3) for m in ("tab", "rhoab", "logrho")
+          for st in ("lower", "rk") for g in ("G6", "default6")]
+CASES += [("deis", {"order": 3, "method": m}, "default8") for m in ("tab", "logrho")]
+CASES += [("ipndm_v", {"order": k}, g) for k in (1, 2, 3, 4) for g in ("G6", "default8")]
+REQUIRED.update({"deis": {"order": {1, 2, 3}, "method": {"tab", "rhoab", "logrho"}, "startup": {"lower", "rk"}},
+                 "ipndm_v": {"order": {1, 2, 3, 4}}})
 
 def yaml_knobs(name):
     path = CONF / f"{name}.yaml"

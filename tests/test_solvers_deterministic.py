@@ -87,9 +87,9 @@ def test_dpm_solver_pp_3m_d2_weight(prob):
 FORMULAS = [
     ("midpoint", {}, lambda n: 2 * n - 1),
     ("rk4", {}, lambda n: 4 * n - 3),
-    ("ab", {"order": 4}, lambda n: n + 2 * min(3, n - 1)),          # three rk3 start-up steps, 2 extra NFE each
-    ("ab", {"order": 3}, lambda n: n + min(2, n - 1)),              # two heun start-up steps, 1 extra NFE each
-    ("ab", {"order": 4, "startup": "lower"}, lambda n: n),
+    ("ab", {"order": 4, "startup": "rk"}, lambda n: n + 2 * min(3, n - 1)),   # three rk3 start-up steps, 2 extra each
+    ("ab", {"order": 3, "startup": "rk"}, lambda n: n + min(2, n - 1)),       # two heun start-up steps, 1 extra each
+    ("ab", {"order": 4}, lambda n: n),
     ("ab", {"order": 3, "ipndm": True}, lambda n: n),
     ("dpm_solver", {"order": 1}, lambda n: n),
     ("dpm_solver", {"order": 2}, lambda n: 2 * n - 1),

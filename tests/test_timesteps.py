@@ -115,3 +115,48 @@ def test_grid_ends_agree_with_the_declared_ends_before_pinning(name, sch_name, k
     raw = TIMESTEPS[name](sch, 7)
     first, last = ENDS[name](sch)
     assert float(raw[0]) == pytest.approx(first, rel=1e-12) and float(raw[-1]) == pytest.approx(last, rel=1e-12)
+
+
+# ------------------------------------------------------------------ capped grids (a cosine DDPM: sigma_hat(T) ~ 4000)
+def _cosine_ddpm():
+    from bench.models.schedules import make_schedule
+    return make_schedule("vp_discrete", betas="cosine", num_steps=200)
+
+
+def test_capped_grids_start_at_sigma_max_and_keep_their_spacing():
+    """edm and logsnr on a model whose sigma_hat(T) passes cap_factor * sigma_max start at sigma_max = 80 (not at T),
+    edm uniform in sigma_hat^(1/rho) and logsnr uniform in lambda from there (every point, not only the pinned ends)."""
+    sch = _cosine_ddpm()
+    assert float(sch.sigma_hat(sch.T)) > 10 * 80
+    from bench.solvers.timesteps import make_timesteps
+    for name in ("edm", "logsnr"):
+        t = make_timesteps(name, sch, 9, **({"rho": 7.0} if name == "edm" else {}))
+        s = sch.sigma_hat(t)
+        assert float(s[0]) == pytest.approx(80.0, rel=1e-9) and float(t[0]) < sch.T
+        u = s ** (1 / 7) if name == "edm" else -torch.log(s)
+        du = torch.diff(u)
+        assert torch.allclose(du, du.mean().expand_as(du), rtol=1e-8, atol=0), (name, du)
+
+
+def test_function_defaults_are_the_yaml_defaults():
+    """A grid built from Python (make_timesteps with no knobs) is the grid the YAML gives."""
+    import inspect
+    import yaml
+    from bench import CONF_DIR
+    from bench.solvers.timesteps import TIMESTEPS
+    for name, fn in TIMESTEPS.items():
+        path = CONF_DIR / "timesteps" / f"{name}.yaml"
+        conf = yaml.safe_load(path.read_text())
+        for p in list(inspect.signature(fn).parameters.values())[2:]:
+            if p.name in conf:
+                assert conf[p.name] == p.default, (name, p.name, conf[p.name], p.default)
+
+
+def test_a_long_bad_grid_is_shortened_in_the_error():
+    from bench.models.errors import ConfigError
+    from bench.solvers.timesteps import check_grid
+    sch = _cosine_ddpm()
+    t = torch.linspace(sch.T, sch.t_min, 12, dtype=torch.float64)
+    t[5] = t[4]
+    with pytest.raises(ConfigError, match=r"do not decrease: .*grid \[[^\]]*, \.\.\., [^\]]*\]"):
+        check_grid("explicit", sch, t)

@@ -13,8 +13,9 @@
 - Gaussian KL terms in closed form; the expectation over x_k is a Monte-Carlo estimate with one draw per term
   and point from point i's own generator, so the value is an unbiased estimate of the bound and its standard
   error is over the points.
-- Reverse mean from the model's eps (Ho et al. 2020, eq. 11); reverse variance (knob `variance`): beta_tilde, the
-  posterior variance, or beta, the forward step's (their sec. 3.2).  beta_tilde_1 = 0, so the decoder uses
+- Reverse mean from the model's eps (Ho et al. 2020, eq. 11); reverse variance (knob `variance`): 'posterior'
+  (beta_tilde, the posterior variance) or 'beta' (the forward step's, default: the tighter bound at every K we
+  measured on gmm and digits) (their sec. 3.2).  beta_tilde_1 = 0, so the decoder uses
   sigma_1^2 = beta_1 under both.
 - Decoder: on L-level data in [lo, hi] the discretised Gaussian of Ho et al. 2020, eq. 13 (bins of width
   (hi - lo)/(L - 1) centred on the levels, open at lo and hi): a bound on the discrete NLL in bits/dim, the
@@ -39,7 +40,7 @@ from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
 from bench.solvers.rng import PerSampleRNG
 
-VARIANCES = ("beta_tilde", "beta")
+VARIANCES = ("posterior", "beta")   # posterior = beta-tilde
 X_T_STREAM = 1 << 43         # generator stream offset of the x_k draws (nll uses 1 << 41 and 1 << 42)
 
 ELBO_WHAT = ("Monte-Carlo estimate (one draw of x_t per term and point) of the DDPM variational upper bound on the "
@@ -79,7 +80,7 @@ class Chain:
     def reverse_var(self, variance: str) -> torch.Tensor:
         """sigma_k^2 of p_theta(x_{k-1} | x_k): beta_tilde (var_post) or beta (var_step); step 1 (the decoder) uses
         var_step under both, since var_post_1 = 0."""
-        v = self.var_post.clone() if variance == "beta_tilde" else self.var_step.clone()
+        v = self.var_post.clone() if variance == "posterior" else self.var_step.clone()
         v[0] = self.var_step[0]
         return v
 
@@ -107,7 +108,8 @@ def chain_times(schedule, steps):
 def gaussian_kl(mu_q, var_q, mu_p, var_p):
     """KL(N(mu_q, var_q I) || N(mu_p, var_p I)) summed over all but the batch dimension; var_* scalars or (batch,)."""
     d = mu_q[0].numel()
-    var_q, var_p = torch.as_tensor(var_q, dtype=mu_q.dtype), torch.as_tensor(var_p, dtype=mu_q.dtype)
+    var_q = torch.as_tensor(var_q, dtype=mu_q.dtype, device=mu_q.device)
+    var_p = torch.as_tensor(var_p, dtype=mu_q.dtype, device=mu_q.device)
     sq = ((mu_q - mu_p) ** 2).flatten(1).sum(1)
     return 0.5 * (d * (torch.log(var_p / var_q) + var_q / var_p - 1) + sq / var_p)
 
@@ -132,7 +134,7 @@ def discretized_gaussian_logp(x0, mu, var, model):
     k = levels(x0, model)
     half = (hi - lo) / (L - 1) / 2
     v = lo + (hi - lo) * k / (L - 1)
-    sd = torch.sqrt(torch.as_tensor(var, dtype=torch.float64))
+    sd = torch.sqrt(torch.as_tensor(var, dtype=torch.float64, device=x0.device))
     sd = sd.reshape(-1, *([1] * (x0.dim() - 1))) if sd.dim() else sd
     a = torch.where(k == 0, torch.full_like(v, -math.inf), (v - half - mu) / sd)
     b = torch.where(k == L - 1, torch.full_like(v, math.inf), (v + half - mu) / sd)
@@ -150,7 +152,7 @@ def log_diff_ndtr(a, b):
 def gaussian_logp(x0, mu, var):
     """log N(x_0; mu, var I) summed over all but the batch dimension."""
     d = x0[0].numel()
-    var = torch.as_tensor(var, dtype=x0.dtype)
+    var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     return -0.5 * (((x0 - mu) ** 2).flatten(1).sum(1) / var + d * torch.log(2 * math.pi * var))
 
 
@@ -159,7 +161,7 @@ def _bc(c, x):
     return c.reshape(-1, *([1] * (x.dim() - 1))) if c.dim() else c
 
 
-def elbo_terms(eps_fn, ch: Chain, x0, seed, indices, variance="beta_tilde", prior_std=1.0, decoder=None,
+def elbo_terms(eps_fn, ch: Chain, x0, seed, indices, variance="posterior", prior_std=1.0, decoder=None,
                batch_size=1024):
     """Per point (nats): (L_T, sum_{k>=2} L_{k-1}, L_0).  eps_fn(x_k, t_k) is the model's eps (t per row); point
     indices[j] draws its K noises z_1..z_K (x_k = alpha_k x_0 + sigma_k z_k) in one call on its own generator; `decoder`
@@ -185,7 +187,7 @@ def elbo_terms(eps_fn, ch: Chain, x0, seed, indices, variance="beta_tilde", prio
             eps = eps_fn(x_k, ch.t[kk]).double()
             mu_p = model_mean(ch, kk, x_k, eps)
             kl = gaussian_kl(posterior_mean(ch, kk, x_k, x_rep), ch.var_post[kk], mu_p, var_p[kk])
-            first = kk == 0
+            first = (kk == 0).to(x_k.device)                                     # rows of step 1: the decoder
             kl = torch.where(first, torch.zeros_like(kl), kl)
             L_mid[g0:g0 + G] += kl.reshape(G, -1).sum(1).cpu()
             if bool(first.any()):
@@ -211,7 +213,7 @@ class ELBO(Metric):
         book("elbo_what", "what elbo_bpd is: an estimate of a bound, and of what"),
     )
 
-    def __init__(self, steps: int | None = None, variance: str = "beta_tilde", n_points: int = 128,
+    def __init__(self, steps: int | None = None, variance: str = "beta", n_points: int = 128,
                  batch_size: int = 1024):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ConfigError(f"elbo: steps must be null or an integer >= 1, got {steps!r}")
