@@ -58,8 +58,8 @@ CASES = [
     Case("dpm_solver order=3", "dpm_solver", {"order": 3}, (31, 61, 121, 241)),
     Case("dpm_solver fast", "dpm_solver", {"fast": True}, (30, 60, 120, 240)),
     Case("dpm_solver_pp 2M", "dpm_solver_pp", {"order": 2}, P2),
-    Case("dpm_solver_pp 3M", "dpm_solver_pp", {"order": 3}, P2),
-    Case("dpm_solver_pp 3M d2=dpm_solver_code", "dpm_solver_pp", {"order": 3, "d2": "dpm_solver_code"}, P2_LONG),
+    Case("dpm_solver_pp 3M d2=taylor", "dpm_solver_pp", {"order": 3, "d2": "taylor"}, P2),
+    Case("dpm_solver_pp 3M (d2=dpm_solver_code)", "dpm_solver_pp", {"order": 3}, P2_LONG),
     Case("dpm_solver_pp 2S", "dpm_solver_pp", {"order": 2, "method": "singlestep"}, (129, 257, 513, 1025)),
     Case("unipc order=1 bh2", "unipc", {"order": 1}),
     Case("unipc order=2 bh1", "unipc", {"order": 2, "variant": "bh1"}),
@@ -83,7 +83,7 @@ CASES = [
     Case("sub_vp heun", "heun", {}, (33, 65, 129, 257), "logsnr", schedule="sub_vp"),
     Case("sub_vp dpm_solver order=2", "dpm_solver", {"order": 2}, (33, 65, 129, 257), schedule="sub_vp"),
     Case("sub_vp dpm_solver_pp 2M", "dpm_solver_pp", {"order": 2}, P2, schedule="sub_vp"),
-    Case("sub_vp dpm_solver_pp 3M", "dpm_solver_pp", {"order": 3}, P2, schedule="sub_vp"),
+    Case("sub_vp dpm_solver_pp 3M d2=taylor", "dpm_solver_pp", {"order": 3, "d2": "taylor"}, P2, schedule="sub_vp"),
     Case("sub_vp unipc order=2 bh2", "unipc", {"order": 2, "variant": "bh2"}, P2, schedule="sub_vp"),
 ]
 # DEIS (solvers/deis.py): order r is global order r + 1 with the rhoRK start-up; the paper's DDIM start-up ('lower')

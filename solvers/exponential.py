@@ -193,7 +193,7 @@ def pp_singlestep2_update(dyn, g, x, i, x0_s, r=0.5):
     return (s_t / s_s) * x - (a_t * math.expm1(-h)) * D
 
 
-def _check_pp(order, method, lower_order_final, d2="taylor"):
+def _check_pp(order, method, lower_order_final, d2="dpm_solver_code"):
     check_choice("dpm_solver_pp", "method", method, ("multistep", "singlestep"))
     check_choice("dpm_solver_pp", "d2", d2, tuple(D2_SCALE))
     check_choice("dpm_solver_pp", "order", order, (1, 2, 3) if method == "multistep" else (1, 2))
@@ -210,7 +210,7 @@ def multistep_order(order, i, steps, lower_order_final):
 
 
 def dpm_solver_pp_sample(dyn, x, t, rng=None, order: int = 2, method: str = "multistep",
-                         lower_order_final: bool = True, d2: str = "taylor"):
+                         lower_order_final: bool = True, d2: str = "dpm_solver_code"):
     """DPM-Solver++ 2M/3M (multistep, NFE = steps) or 2S (singlestep, NFE = 2*steps - 1), then x0 at t[-1]."""
     _check_pp(order, method, lower_order_final, d2)
     g = _Grid(dyn.schedule, t)
@@ -227,12 +227,12 @@ def dpm_solver_pp_sample(dyn, x, t, rng=None, order: int = 2, method: str = "mul
     return dyn.x0(x, t[-1])
 
 
-def _pp_nfe(steps, order=2, method="multistep", lower_order_final=True, d2="taylor", **_):
+def _pp_nfe(steps, order=2, method="multistep", lower_order_final=True, d2="dpm_solver_code", **_):
     _check_pp(order, method, lower_order_final, d2)
     return steps if method == "multistep" or order == 1 else 2 * steps - 1
 
 
 register_solver("dpm_solver_pp", nfe_of_steps=_pp_nfe,
                 nfe_formula="multistep: steps; singlestep (2S): 2*steps - 1", min_steps=2,
-                order=lambda order=2, method="multistep", d2="taylor", **_: 2 if (order == 3 and d2 != "taylor") else order,
+                order=lambda order=2, method="multistep", d2="dpm_solver_code", **_: 2 if (order == 3 and d2 != "taylor") else order,
                 default_timesteps="logsnr")(dpm_solver_pp_sample)

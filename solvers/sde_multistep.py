@@ -82,7 +82,7 @@ def pp_sde_update(g, x, i, x0_hist, order, eta, solver_type="midpoint", d2="tayl
 
 
 def dpm_solver_pp_sde(dyn, x, t, rng, order: int = 2, eta: float = 1.0, solver_type: str = "midpoint",
-                      d2: str = "taylor", lower_order_final: bool = True):
+                      d2: str = "dpm_solver_code", lower_order_final: bool = True):
     """DPM-Solver++(2M/3M) SDE: one evaluation per grid point, warm-up orders min(order, i + 1), with
     lower_order_final the last interval of order <= 2 when steps < 15 (as dpm_solver_pp); x0 at t[-1].  eta = 0 is
     dpm_solver_pp (2M: solver_type midpoint; 3M: midpoint warm-up, the same d2 and lower_order_final)."""
@@ -98,7 +98,7 @@ def dpm_solver_pp_sde(dyn, x, t, rng, order: int = 2, eta: float = 1.0, solver_t
     return dyn.x0(x, t[-1])
 
 
-def _pp_sde_nfe(steps, order=2, eta=1.0, solver_type="midpoint", d2="taylor", lower_order_final=True, **_):
+def _pp_sde_nfe(steps, order=2, eta=1.0, solver_type="midpoint", d2="dpm_solver_code", lower_order_final=True, **_):
     _check_pp_sde(order, eta, solver_type, d2, lower_order_final)
     return steps
 
