@@ -2,7 +2,9 @@
 of the exponential-integrator weights, and identities with ab and with diffusers' DEISMultistepScheduler.  The
 convergence orders are Cases of bench/orders.py (tests/test_solvers_deterministic.py); the golden steps are in
 tests/test_golden_steps.py."""
+import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from bench.solvers.registry import get_solver, solver_from_cfg
 from bench.solvers.timesteps import make_timesteps
 
 METHODS = ("tab", "rhoab", "logrho")
+CONF = Path(__file__).resolve().parents[1] / "conf" / "solver"
 
 
 def _x_T(model, n=5, seed=3):
@@ -29,6 +32,16 @@ def _x_T(model, n=5, seed=3):
 def _run(model, name, t, x_T, **knobs):
     dyn = Dynamics(model.net, model.schedule)
     return get_solver(name).fn(dyn, x_T, t, None, **knobs), dyn.nfe
+
+
+@pytest.mark.parametrize("name", ["deis", "ipndm_v"])
+def test_yaml_has_every_knob_with_the_function_default_and_a_comment(name):
+    from omegaconf import OmegaConf
+    params = list(inspect.signature(get_solver(name).fn).parameters.values())[4:]
+    yaml = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")).items() if k != "name"}
+    assert {p.name: p.default for p in params} == yaml
+    lines = [ln for ln in (CONF / f"{name}.yaml").read_text().splitlines() if ln and not ln.startswith(("#", "name:"))]
+    assert len(lines) == len(params) and all("  # " in ln for ln in lines), lines
 
 
 # ---------------------------------------------------------------------------------------------- counted NFE
@@ -265,3 +278,24 @@ def test_float32_sampling_stays_float32_and_close(gmm_model):
         b, _ = _run(gmm_model, name, t.float(), x64.float(), **knobs)
         assert b.dtype == torch.float32
         assert float((a - b.double()).abs().max()) < 1e-4 * float(a.abs().max())
+
+
+@pytest.mark.parametrize("knobs,expect", [({"order": 3, "startup": "rk"}, {2: 2, 5: 6}),
+                                          ({"order": 3}, {2: 3, 5: 6}), ({"order": 2, "startup": "rk"}, {2: 2, 5: 6})])
+def test_diverged_step_with_runge_kutta_start_up(gmm_model, knobs, expect):
+    """A start-up step (heun, rk3: last stage at its end point t[j]) outputs NaN first at step j when the network is
+    NaN from t[j] down; a multistep step (one evaluation, at its start) at step j + 1 (end_evals, bench.run.step_of)."""
+    from types import SimpleNamespace
+
+    import bench.run as brun
+    spec = get_solver("deis")
+    t = make_timesteps("edm", gmm_model.schedule, 8).double()
+    for j, step in expect.items():
+        t_bad = float(t[j])
+
+        def net(x, tt, t_bad=t_bad):
+            out = gmm_model.net(x, tt)
+            return torch.where(tt.reshape(-1, *[1] * (x.dim() - 1)) <= t_bad * (1 + 1e-12), torch.nan, out)
+        model = SimpleNamespace(net=net, schedule=gmm_model.schedule, shape=gmm_model.shape)
+        got = brun.locate_divergence(model, spec, knobs, t, 0, [0, 1], torch.device("cpu"), torch.float64)
+        assert got == step, (knobs, j, got)

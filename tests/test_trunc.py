@@ -180,3 +180,19 @@ def test_non_brownian_stochastic_solver_is_marked_not_applicable(gmm_model, tmp_
     ctx.spec = spec
     out = make_metric("trunc", {}).compute(ctx)
     assert out["trunc_rms"] is None and out["trunc_note"].startswith("n/a:")
+
+
+def test_rms_standard_error_agrees_with_the_jackknife():
+    """trunc_rms_se (delta method) against an independent estimator, the jackknife of sqrt(mean e) over samples:
+    they agree to O(1/n), here within 0.3 %, so a wrong factor in the delta method (even 1 %) is caught."""
+    from bench.metrics.trunc import rms_se
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(20000, 3, dtype=torch.float64, generator=g) * torch.rand(20000, 1, dtype=torch.float64, generator=g)
+    b = torch.zeros_like(a)
+    r, se = rms_se(a, b)
+    e = (a ** 2).mean(1)
+    n = e.numel()
+    theta = torch.sqrt((e.sum() - e) / (n - 1))                    # leave-one-out RMS
+    se_jack = float(torch.sqrt((n - 1) / n * ((theta - theta.mean()) ** 2).sum()))
+    assert r == pytest.approx(float(torch.sqrt(e.mean())), rel=1e-14)
+    assert se == pytest.approx(se_jack, rel=3e-3)
