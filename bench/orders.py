@@ -92,7 +92,7 @@ CASES = [
 CASES += [
     Case("deis order=1", "deis", {"order": 1}),
     Case("deis order=2 startup=rk", "deis", {"order": 2, "startup": "rk"}, P2_LONG),
-    Case("deis order=3 startup=rk", "deis", {"order": 3, "startup": "rk"}),
+    Case("deis order=3 startup=rk", "deis", {"order": 3, "startup": "rk"}, P2_LONG),
     Case("deis order=2 method=logrho startup=rk", "deis", {"order": 2, "method": "logrho", "startup": "rk"}),
     Case("deis order=3 method=logrho startup=rk", "deis", {"order": 3, "method": "logrho", "startup": "rk"}, P2_LONG),
     Case("deis order=3 timesteps=quadratic", "deis", {"order": 3}, (512, 1024, 2048), "quadratic"),

@@ -24,7 +24,8 @@ class NFECounter:
 
 def _bc(c, x):
     """Reshape a scalar or per-sample coefficient to broadcast against x."""
-    c = torch.as_tensor(c).to(x.dtype)
+    # a Python number goes straight to x's dtype (as_tensor would round it to float32 first: 1e-8 off in float64)
+    c = c.to(x.dtype) if torch.is_tensor(c) else torch.as_tensor(c, dtype=x.dtype, device=x.device)
     return c.reshape(-1, *([1] * (x.dim() - 1))) if c.dim() else c
 
 

@@ -61,3 +61,10 @@ def test_dynamics_forms_agree(gmm_model):
     assert torch.allclose(dyn.score(x, t), -eps / sch.sigma(t))
     assert torch.allclose(dyn.denoiser(x_hat, sch.sigma_hat(t)), dyn.x0(x, t), rtol=1e-10)
     assert dyn.nfe == 6   # every call above went through the counter once
+
+
+def test_broadcast_keeps_a_python_float_exact_in_float64():
+    from bench.models.dynamics import _bc
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    assert float(_bc(0.1, x)) == 0.1 and _bc(0.1, x).dtype == torch.float64
+    assert float(_bc(torch.tensor(0.1, dtype=torch.float64), x)) == 0.1

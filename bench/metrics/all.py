@@ -2,4 +2,5 @@
 import bench.metrics.elbo  # noqa: F401
 import bench.metrics.fid  # noqa: F401
 import bench.metrics.nll  # noqa: F401
+import bench.metrics.sde_bound  # noqa: F401
 import bench.metrics.trunc  # noqa: F401
