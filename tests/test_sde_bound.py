@@ -164,13 +164,14 @@ def test_importance_and_uniform_sampling_agree_within_their_errors(tmp_path):
 
 @pytest.mark.slow
 def test_ddpm_elbo_approaches_the_continuous_bound_as_steps_grow(tmp_path):
-    """(c) issue 18: the DDPM ELBO (beta variances) falls towards the SDE bound as K grows."""
+    """(c) issue 18: the DDPM ELBO (beta variances) falls to the SDE bound as K grows; on gmm with its exact score
+    both end at the exact NLL (measured: elbo_gap 0.24 at K = 10, -0.03 +- 0.03 at K = 100 and 1000)."""
     ctx = make_ctx(gmm(), torch.zeros(2, 4), tmp_path)
     sde = make_metric("sde_bound", {"n_points": 1024, "n_t": 64}).compute(ctx)
-    e = {K: make_metric("elbo", {"steps": K, "n_points": 1024}).compute(ctx) for K in (100, 1000)}
-    d = {K: e[K]["elbo_gap"] - sde["sde_bound_gap"] for K in e}
-    se = {K: math.hypot(e[K]["elbo_gap_se"], sde["sde_bound_gap_se"]) for K in e}
-    assert d[100] > d[1000] and d[100] > 3 * se[100]
+    e = {K: make_metric("elbo", {"steps": K, "n_points": 1024}).compute(ctx) for K in (10, 1000)}
+    d = {K: e[K]["elbo_bpd"] - sde["sde_bound_bpd"] for K in e}
+    se = {K: math.hypot(e[K]["elbo_gap_se"], sde["sde_bound_gap_se"]) for K in e}   # paired SEs: same points
+    assert d[10] > d[1000] and d[10] > 4 * se[10]
     assert abs(d[1000]) < 0.05 + 3 * se[1000]
 
 
