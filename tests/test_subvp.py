@@ -155,7 +155,7 @@ SUBVP_CASES = [c for c in CASES if c.schedule == "sub_vp"]
 def test_sub_vp_cases_cover_the_brief():
     got = {(c.solver, tuple(sorted(c.knobs.items()))) for c in SUBVP_CASES}
     assert got == {("heun", ()), ("dpm_solver", (("order", 2),)), ("dpm_solver_pp", (("order", 2),)),
-                   ("dpm_solver_pp", (("order", 3),)), ("unipc", (("order", 2), ("variant", "bh2")))}
+                   ("dpm_solver_pp", (("d2", "taylor"), ("order", 3))), ("unipc", (("order", 2), ("variant", "bh2")))}
 
 
 @pytest.fixture(scope="module")
