@@ -40,14 +40,17 @@ def test_multirun_records_each_cell(tmp_path):
     assert got == [("euler", 10, 10), ("euler", 20, 20), ("heun", 10, 9), ("heun", 20, 19)]
 
 
+_SLOW = pytest.mark.slow        # one subprocess each (~3 s); the same errors are tested in process elsewhere
+
+
 @pytest.mark.parametrize("args,needle", [
     (["solver=nope"], "Valid solver names are: ab, ancestral, "),
-    (["model=nope"], "Valid model names are: custom, digits, gmm, hf_ddpm, toy2d"),
-    (["timesteps=nope"], "Valid time-step schedule names are: auto, edm"),
-    (["solver=heun", "nfe=2"], "cannot meet an NFE budget of 2"),
-    (["metrics=[nope]"], "Valid metric names are: "),
-    (["solver.variable=nope"], "Valid variables are: sigma_hat, t, lambda"),
-    (["dtype=float16"], "Valid dtypes are: float32, float64"),
+    pytest.param(["model=nope"], "Valid model names are: custom, digits, gmm, hf_ddpm, toy2d", marks=_SLOW),
+    pytest.param(["timesteps=nope"], "Valid time-step schedule names are: auto, edm", marks=_SLOW),
+    pytest.param(["solver=heun", "nfe=2"], "cannot meet an NFE budget of 2", marks=_SLOW),
+    pytest.param(["metrics=[nope]"], "Valid metric names are: ", marks=_SLOW),
+    pytest.param(["solver.variable=nope"], "Valid variables are: sigma_hat, t, lambda", marks=_SLOW),
+    pytest.param(["dtype=float16"], "Valid dtypes are: float32, float64", marks=_SLOW),
 ])
 def test_bad_input_is_a_clear_error_and_records_nothing(tmp_path, args, needle):
     r = bench("run", *args, f"results_dir={tmp_path}")

@@ -181,6 +181,7 @@ def test_nfe_expression_is_arithmetic_only():
         make_spec("x", lambda dyn, x, t, rng: x, nfe="gamma*steps").nfe_of_steps(3)
 
 
+@pytest.mark.slow
 def test_plugin_solver_by_entry_point(user_project, tmp_path):
     res = tmp_path / "results"
     r = _bench(user_project, "run", "-m", "model=gmm", "solver=plug_ddim,euler", "nfe=10", "n_samples=32",

@@ -248,6 +248,7 @@ def test_edm_defaults_follow_the_paper():
     assert default_knobs("edm_stochastic") == {"S_churn": 30.0, "S_min": 0.01, "S_max": 1.0, "S_noise": 1.007}
 
 
+@pytest.mark.slow
 def test_cli_prints_config_error_and_records_nothing(tmp_path):
     import os
     import subprocess

@@ -150,6 +150,7 @@ def test_fid_bootstrap_se_against_the_spread_over_seeds(gmm_model, shift, lo, hi
     assert lo < ratio < hi, ratio
 
 
+@pytest.mark.slow
 def test_trunc_se_against_the_spread_over_seeds(gmm_model):
     """The delta-method standard error of trunc_rms (one row, over its samples) against the sd of trunc_rms over
     20 seeds (independent x_T sets) for heun at NFE 9 on gmm."""
