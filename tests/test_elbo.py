@@ -4,8 +4,6 @@ Closed forms against independent paths (torch.distributions, Ho et al.'s beta/al
 cdf), each KL term of the exact gmm model against a Monte-Carlo estimate of E log q/p from forward-chain samples,
 the bound above the exact NLL per configuration and falling towards it with K, knobs checked before work, and the
 metric end to end through the command line."""
-import contextlib
-import io
 import math
 
 import numpy as np
@@ -282,16 +280,7 @@ def test_columns_are_declared_with_what_they_are():
     assert "upper bound" in cols["elbo_bpd"].what and "upper bound" in cols["nll_bpd"].what
 
 
-def run_cli(*args):
-    from bench.__main__ import main as cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli(list(args))
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
+from test_faults import run_cli  # noqa: E402  (the command line in this process)
 
 
 def test_elbo_runs_through_the_command_line_once_for_every_solver(tmp_path):

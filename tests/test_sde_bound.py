@@ -6,8 +6,6 @@ With the exact score the bound is tight up to the prior mismatch q_T != N(0, sig
 measure given x_{t_min} = x is then the forward process started at x), so on gmm the bound equals the exact
 -log q_{t_min}(x) within its standard error.  Both t-samplings agree; knobs are checked before work; the metric
 runs end to end through the command line."""
-import contextlib
-import io
 import json
 import math
 
@@ -201,16 +199,7 @@ def test_columns_are_declared_with_what_they_are():
     assert not cols["sde_bound_n_t"].quality and not cols["sde_bound_n_points"].quality
 
 
-def run_cli(*args):
-    from bench.__main__ import main as cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli(list(args))
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
+from test_faults import run_cli  # noqa: E402  (the command line in this process)
 
 
 def test_sde_bound_runs_through_the_command_line_once_for_every_solver(tmp_path):
