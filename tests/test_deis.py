@@ -55,18 +55,7 @@ NFE_CASES = [("deis", {"order": r, "method": m, "startup": st}, _deis_nfe(r, st)
 NFE_CASES += [("ipndm_v", {"order": k}, lambda n: n) for k in (1, 2, 3, 4)]
 
 
-@pytest.mark.parametrize("name,knobs,formula", NFE_CASES,
-                         ids=["-".join([n, *(f"{k}={v}" for k, v in kn.items())]) for n, kn, _ in NFE_CASES])
-@pytest.mark.parametrize("budget", [2, 3, 5, 8, 17])
-def test_counted_nfe_equals_formula(gmm_model, name, knobs, formula, budget):
-    spec = get_solver(name)
-    if formula(spec.min_steps) > budget:
-        with pytest.raises(ConfigError, match="cannot meet an NFE budget"):
-            spec.steps_for(budget, **knobs)
-        return
-    _, nfe, steps = solve(gmm_model, name, budget, _x_T(gmm_model), **knobs)
-    assert nfe == formula(steps) == spec.nfe_of_steps(steps, **knobs) <= budget
-    assert formula(steps + 1) > budget          # the budget is used, not rounded down further
+# checked by tests/test_solvers_deterministic.py::test_counted_nfe_equals_formula, which includes NFE_CASES
 
 
 def test_rk_startup_costs_what_the_yaml_says(gmm_model):

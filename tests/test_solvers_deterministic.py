@@ -105,6 +105,8 @@ FORMULAS = [
     ("dopri5", {"method": "rk4"}, lambda n: 4 * n - 3),
     ("dopri5", {"method": "heun3"}, lambda n: 3 * n - 2),
 ]
+from test_deis import NFE_CASES as _DEIS_NFE  # noqa: E402  (deis r = 1-3 x method x startup, ipndm_v k = 1-4)
+FORMULAS += _DEIS_NFE
 
 
 @pytest.mark.parametrize("name,knobs,formula", FORMULAS, ids=[f"{n}-{k}" for n, k, _ in FORMULAS])

@@ -35,7 +35,7 @@ import torch
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint
 from bench.metrics.columns import book, quality
-from bench.metrics.nll import data_points, dequantized, levels, points_kind
+from bench.metrics.nll import data_points, discrete_points, levels, points_kind
 from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
 from bench.solvers.rng import PerSampleRNG
@@ -225,12 +225,10 @@ class ELBO(Metric):
         super().__init__(steps=steps, variance=variance, n_points=n_points, batch_size=batch_size)
 
     def _discrete(self, m) -> bool:
-        return points_kind(m) == "real_test" and dequantized(m)
+        return discrete_points(m, self.name)
 
     def protocol(self, ctx):
         m, k = ctx.model, self.knobs
-        if m.real_data is None and points_kind(m) == "real_test":
-            raise ConfigError(f"elbo: model '{m.name}' has no data to evaluate the likelihood on")
         t, grid = chain_times(m.schedule, k["steps"])
         if not bool((Chain.at(m.schedule, t).var_step > 0).all()):
             raise ConfigError(f"elbo: the schedule '{m.schedule.name}' at these {len(t)} steps gives a step variance "

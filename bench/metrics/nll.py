@@ -199,6 +199,15 @@ def points_kind(model) -> str:
     return "real_test"
 
 
+def discrete_points(model, metric: str) -> bool:
+    """Whether a likelihood metric's points are L-level data (a bound on the discrete NLL), after checking, before
+    any work, that the model has points at all."""
+    kind = points_kind(model)
+    if kind == "real_test" and model.real_data is None:
+        raise ConfigError(f"{metric}: model '{model.name}' has no data to evaluate the likelihood on")
+    return kind == "real_test" and dequantized(model)
+
+
 NLL_WHAT = ("-log2 p(x)/D from the probability-flow ODE: on continuous data (gmm, toy2d) the model's continuous "
             "density, an ODE value (exact divergence) or its Monte-Carlo estimate (Hutchinson probe); on L-level "
             "data a Monte-Carlo estimate (one uniform dequantisation draw per point) of an upper bound on the "

@@ -43,7 +43,7 @@ import torch
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint
 from bench.metrics.columns import book, quality
-from bench.metrics.nll import bits_offset, data_points, dequantize, dequantized, points_kind
+from bench.metrics.nll import bits_offset, data_points, dequantize, discrete_points, points_kind
 from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
 from bench.solvers.rng import PerSampleRNG
@@ -150,12 +150,10 @@ class SDEBound(Metric):
         super().__init__(n_points=n_points, n_t=n_t, t_sampling=t_sampling, batch_size=batch_size)
 
     def _discrete(self, m) -> bool:
-        return points_kind(m) == "real_test" and dequantized(m)
+        return discrete_points(m, self.name)
 
     def protocol(self, ctx):
         m, k = ctx.model, self.knobs
-        if m.real_data is None and points_kind(m) == "real_test":
-            raise ConfigError(f"sde_bound: model '{m.name}' has no data to evaluate the likelihood on")
         disc = self._discrete(m)
         return {"metric": "sde_bound", "units": "bits/dim", "solver": "none",
                 "quantity": "discrete_nll_upper_bound" if disc else "continuous_density_nll_upper_bound",
