@@ -10,7 +10,8 @@ Safety under real use:
   on one cell cannot both record it: the loser's insert is refused and reported as a skip;
 - 'failed' rows are history: they do not block a rerun, and a later finished row replaces them;
 - the store is opened (and created) before any compute, so a directory that cannot hold it fails at once;
-- a row is first written to a journal file (results_dir/journal/, atomically), then inserted; if the insert
+- a row is first written to a journal file (results_dir/journal/, atomically, locked while its writer inserts
+  it, so a concurrent worker's replay never takes a row in flight), then inserted; if the insert
   fails (a locked, full or failing disk), the journal keeps the row and the next run or `bench merge`
   records it, so a computed result is never lost;
 - on a disk whose fsync fails (EIO) the database falls back to synchronous=OFF with a one-line warning.
@@ -22,6 +23,11 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:                             # not POSIX: no in-flight marks, replay as before
+    fcntl = None
 
 import pandas as pd
 
@@ -144,9 +150,46 @@ JOURNAL = "journal"
 
 def journal_write(results_dir, row: dict) -> Path:
     """Write a row to results_dir/journal/ (atomic, fsync where possible) before it is inserted."""
-    path = Path(results_dir) / JOURNAL / f"{row['key']}-{os.getpid()}-{time.time_ns()}.json"
-    fsio.atomic_write_text(path, json.dumps(_encode(row), sort_keys=True, default=str), sync=True)
+    path, fd = _journal_open(results_dir, row)
+    _unlock(fd)
     return path
+
+
+def _journal_open(results_dir, row: dict) -> tuple[Path, int | None]:
+    """journal_write, returning the file with an exclusive lock held (an fd) that marks it as in flight: a
+    concurrent worker's replay leaves a locked file alone, so only rows whose writer died or gave up are
+    replayed.  The lock is taken on the temporary file before it is renamed into place."""
+    path = Path(results_dir) / JOURNAL / f"{row['key']}-{os.getpid()}-{time.time_ns()}.json"
+    fd = None
+
+    def write(f):
+        nonlocal fd
+        f.write(json.dumps(_encode(row), sort_keys=True, default=str).encode())
+        fd = os.dup(f.fileno())
+        _lock(fd, block=True)
+
+    try:
+        fsio.atomic_write(path, write, sync=True)
+    except BaseException:
+        _unlock(fd)
+        raise
+    return path, fd
+
+
+def _lock(fd, block: bool) -> bool:
+    """An exclusive advisory lock on fd; False when another process holds it (non-blocking)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock(fd) -> None:
+    if fd is not None:
+        os.close(fd)                            # closing the last descriptor releases the lock
 
 
 def replay_journal(results_dir) -> int:
@@ -156,11 +199,20 @@ def replay_journal(results_dir) -> int:
         return 0
     done = 0
     for f in sorted(d.glob("*.json")):
-        claimed = f.with_name(f.name + fsio.TMP_MARK + f"claim-{os.getpid()}")
         try:
-            os.rename(f, claimed)                 # one replayer per file
-        except OSError:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:                           # recorded (or claimed) meanwhile
             continue
+        try:
+            if not _lock(fd, block=False):        # its writer is still inserting it: not ours to replay
+                continue
+            claimed = f.with_name(f.name + fsio.TMP_MARK + f"claim-{os.getpid()}")
+            try:
+                os.rename(f, claimed)             # one replayer per file
+            except OSError:
+                continue
+        finally:
+            os.close(fd)
         try:
             row = json.loads(claimed.read_text())
             row = {k: v for k, v in row.items() if k in COLUMNS}
@@ -197,12 +249,22 @@ def record(results_dir, row: dict, force: bool = False, journal: bool = True) ->
     With journal=True the row is written to the journal first and removed from it once committed; if the
     insert fails, StoreError names the journal file that keeps it."""
     row = _encode(row)
-    jpath = None
+    jpath = jfd = None
     if journal:
         try:
-            jpath = journal_write(results_dir, row)
+            jpath, jfd = _journal_open(results_dir, row)
         except OSError as e:
             fsio.warn_once(f"journal-write:{results_dir}", f"cannot write the journal in {results_dir} ({e})")
+    try:
+        rid = _insert_or_keep(results_dir, row, force, jpath)
+        if jpath is not None:
+            jpath.unlink(missing_ok=True)
+    finally:
+        _unlock(jfd)                            # a kept row becomes replayable once its lock is released
+    return rid
+
+
+def _insert_or_keep(results_dir, row: dict, force: bool, jpath) -> int | None:
     try:
         rid = _insert(results_dir, row, force)
     except sqlite3.OperationalError as e:
@@ -216,8 +278,6 @@ def record(results_dir, row: dict, force: bool = False, journal: bool = True) ->
             raise StoreError(_kept(e, jpath)) from None
     except sqlite3.Error as e:
         raise StoreError(_kept(e, jpath)) from None
-    if jpath is not None:
-        jpath.unlink(missing_ok=True)
     return rid
 
 

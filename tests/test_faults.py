@@ -177,6 +177,41 @@ def test_insert_failure_keeps_the_row_in_the_journal_and_the_next_run_records_it
     assert not list((tmp_path / "journal").glob("*"))
 
 
+def test_replay_leaves_a_row_in_flight_to_its_writer(tmp_path, monkeypatch):
+    """The race CI met with four joblib workers: worker B opens the store (and replays the journal) between
+    worker A's journal write and A's insert.  B must not take A's row, else A reports its own cell as skipped."""
+    store.open_store(tmp_path)
+    real, seen = store._insert, {}
+
+    def other_worker_opens_the_store_first(*a, **k):
+        seen["in_journal"] = len(list((tmp_path / "journal").glob("*.json")))
+        seen["replayed"] = store.replay_journal(tmp_path)
+        return real(*a, **k)
+    monkeypatch.setattr(store, "_insert", other_worker_opens_the_store_first)
+    rid = store.record(tmp_path, {"key": "k1", "status": "ok"})
+    assert seen == {"in_journal": 1, "replayed": 0} and rid is not None       # A recorded its own row
+    assert not list((tmp_path / "journal").glob("*")) and len(store.load_runs(tmp_path)) == 1
+
+
+def test_a_row_whose_writer_gave_up_is_replayed_by_the_next_worker(tmp_path, monkeypatch):
+    store.open_store(tmp_path)
+
+    def locked(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+    real = store._insert
+    monkeypatch.setattr(store, "_insert", locked)
+    with pytest.raises(store.StoreError, match="the row is kept in"):
+        store.record(tmp_path, {"key": "k2", "status": "ok"})
+    monkeypatch.setattr(store, "_insert", real)
+    path, fd = store._journal_open(tmp_path, {"key": "k3", "status": "ok"})    # a live writer's row
+    try:
+        assert store.replay_journal(tmp_path) == 1                             # k2 only: its lock was released
+        assert list(store.load_runs(tmp_path)["key"]) == ["k2"] and path.exists()
+    finally:
+        store._unlock(fd)
+    assert store.replay_journal(tmp_path) == 1 and sorted(store.load_runs(tmp_path)["key"]) == ["k2", "k3"]
+
+
 def test_fsync_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
     """SQLite reports a failing fsync as 'disk I/O error'; the store reopens with synchronous=OFF."""
     calls = {"n": 0}
