@@ -22,6 +22,8 @@ commands:
   export    write the results store to CSV and Parquet
   merge     copy rows of other results stores (e.g. per-node ones) into this one:  python -m bench merge DIR...
   overhead  solver overhead: wall time / (counted NFE x one network forward)
+  optimize-steps  time steps optimised for a model, solver and NFE (GITS or step-doubling LTE), written as a
+            timesteps=explicit YAML:  python -m bench optimize-steps model=gmm solver=dpm_solver_pp nfe=6 method=gits
 
 shell completion (bash, zsh, fish):  eval "$(bench -sc install=bash)"
 """
@@ -216,6 +218,7 @@ COMMANDS = {
     "export": _lazy("bench.compare", "cmd_export", key_value=True),
     "merge": _lazy("bench.compare", "cmd_merge", key_value=True),
     "overhead": _lazy("bench.overhead", "main"),
+    "optimize-steps": _lazy("bench.optimize_steps", "main"),
 }
 
 

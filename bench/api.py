@@ -108,9 +108,10 @@ class SampleResult:
 
 def sample(model="digits", solver: str | dict = "heun", nfe: int = 18, n_samples: int = 16, seed: int = 0,
            timesteps: str | dict = "auto", dtype: str = "float32", device: str = "cpu", batch_size: int | None = None,
-           searchpath=(), **knobs) -> SampleResult:
+           searchpath=(), guidance_scale: float | None = None, labels=None, **knobs) -> SampleResult:
     """Sample `n_samples` with `solver` (its YAML defaults, overridden by `knobs`) within an NFE budget; sample i
-    starts from the noise of generator (seed, i), as in a run.  The NFE is counted, never inferred."""
+    starts from the noise of generator (seed, i), as in a run.  The NFE is counted, never inferred.  Conditional
+    models take `guidance_scale` and `labels` as a run does (null: plain conditional, labels i mod n_classes)."""
     from bench.models.registry import LoadedModel
     from bench.run import DTYPES, generate, plan, resolve_device
 
@@ -121,12 +122,15 @@ def sample(model="digits", solver: str | dict = "heun", nfe: int = 18, n_samples
         model = model.cfg
     cfg = config(searchpath=searchpath, model=model, solver=solver_node, timesteps=timesteps, nfe=nfe,
                  n_samples=n_samples, seed=seed, dtype=dtype, device=device, batch_size=batch_size or n_samples,
-                 metrics=[], progress=False)
+                 metrics=[], progress=False, guidance_scale=guidance_scale, labels=labels)
     if isinstance(model, dict):
         cfg["model"] = dict(model)          # a full config replaces the YAML's, as in load_model
     spec, knobs_, _, steps, ts_name, ts_cfg, loaded, t = plan(cfg)
     dev, dt = resolve_device(device), DTYPES[dtype]
-    x_T, x0, nfes, secs = generate(loaded, spec, knobs_, t, n_samples, cfg["batch_size"], seed, dev, dt)
+    from bench import guidance
+
+    x_T, x0, nfes, secs = generate(loaded, spec, knobs_, t, n_samples, cfg["batch_size"], seed, dev, dt,
+                                   cond=guidance.conditioning(cfg, loaded))
     spec.check_counted(max(nfes), steps, **knobs_)
     cfg["timesteps"] = {"name": ts_name, **ts_cfg}
     return SampleResult(x0, x_T, nfes[0], steps, t, secs, loaded, spec, knobs_, cfg)

@@ -1,6 +1,14 @@
-"""Solver overhead: `python -m bench overhead [overrides]` prints, per solver and NFE budget,
-    ratio = sampling wall time / (counted NFE x wall time of one network forward on the same batch),
-so 1.0 means the solver costs nothing beyond its network calls (noise set-up excluded).  Timings are medians of `--repeat` runs."""
+"""Solver overhead (issue 17): `python -m bench overhead [options] [model overrides]`.
+
+For each solver, network (`null`: eps = 0, costs nothing; `model`: the configured network) and batch size, one
+sampling run is timed end to end (wall) and, inside it, every network call (in-network); then
+    own cost per NFE = (wall - in-network) / counted NFE     the solver's own work: coefficients, arithmetic, noise
+    ratio            = wall / in-network                     1.0: the solver costs nothing beyond its network calls.
+Runs are interleaved (repeat r runs every solver once before repeat r+1), so a slow spell on a shared machine
+touches every solver alike; the table gives medians over repeats.  Set-up (the per-sample generators, x_T, the
+time grid) is done once outside the timed run; noise drawn during sampling is the solver's cost.  On CUDA the
+timers synchronize the device (torch.cuda.synchronize) before they read the clock.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,75 +17,141 @@ import time
 
 import torch
 
-from bench.run import DTYPES, plan, resolve_device
-from bench.models.dynamics import Dynamics
-from bench.solvers.rng import PerSampleRNG
+DETERMINISTIC = "euler,heun,rk4,ab,unipc,dpm_solver,dpm_solver_pp,deis,ipndm_v"
+STOCHASTIC = "ancestral,euler_maruyama,edm_stochastic,pc,dpm_solver_pp_sde,sa_solver"
 
 
-def median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeat):
+class NullNet:
+    """eps = 0 at no cost: timing a solver with it measures the solver's own work."""
+
+    def __call__(self, x, t):
+        return torch.zeros_like(x)
+
+
+class TimedNet:
+    """Wraps a network and adds the wall time of each call to `seconds` (device synchronized around it)."""
+
+    def __init__(self, net, device):
+        self.net, self.seconds = net, 0.0
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self, x, t):
+        self.sync()
         t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        out = self.net(x, t)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
-def forward_time(model, batch: int, device, dtype, repeat: int) -> float:
-    """Median seconds of one network forward on a batch of noise at t = T/2."""
-    x = torch.randn(batch, *model.shape, device=device, dtype=dtype)
-    t = torch.full((batch,), model.schedule.T / 2, device=device, dtype=dtype)
-    net = model.net.to(device) if hasattr(model.net, "to") else model.net
+def _case(cfg: dict, net_kind: str, device, dtype):
+    """Everything a timed run needs, built once: (spec, knobs, t, x_T, rng, net, schedule)."""
+    from bench.run import plan
+    from bench.solvers.rng import PerSampleRNG
 
-    def fwd():
-        with torch.inference_mode():
-            net(x, t)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return median_time(fwd, repeat)
-
-
-def overhead(cfg: dict, repeat: int = 5) -> dict:
-    spec, knobs, _, steps, _, _, model, t = plan(cfg)
-    device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
+    spec, knobs, _, _, _, _, model, t = plan(cfg)
     n = cfg["batch_size"]
-    out = {}
-    net = model.net.to(device) if hasattr(model.net, "to") else model.net
-    rng = PerSampleRNG(cfg["seed"], range(n), device=device, dtype=dtype)    # built once: not solver cost
+    rng = PerSampleRNG(cfg["seed"], range(n), device=device, dtype=dtype)
     x_T = rng.randn(model.shape) * model.schedule.prior_std()
+    net = NullNet() if net_kind == "null" else (model.net.to(device) if hasattr(model.net, "to") else model.net)
+    return spec, knobs, t, x_T, rng, net, model.schedule
 
-    def sample():
-        dyn = Dynamics(net, model.schedule)
-        with torch.inference_mode():
-            spec.fn(dyn, x_T, t, rng, **knobs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out["nfe"] = dyn.nfe
-    wall = median_time(sample, repeat)
-    fwd = forward_time(model, n, device, dtype, repeat * 4)
-    return {"solver": spec.name, "nfe_budget": cfg["nfe"], "nfe": out["nfe"], "steps": steps, "wall_s": wall,
-            "forward_s": fwd, "ratio": wall / (out["nfe"] * fwd)}
+
+def time_once(case, device) -> dict:
+    """One sampling run: wall seconds, seconds inside the network, counted NFE."""
+    from bench.models.dynamics import Dynamics
+
+    spec, knobs, t, x_T, rng, net, schedule = case
+    timed = TimedNet(net, device)
+    dyn = Dynamics(timed, schedule)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        spec.fn(dyn, x_T, t, rng, **knobs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "in_net": timed.seconds, "nfe": dyn.nfe}
+
+
+def measure(cfgs: dict, net_kind: str, repeat: int) -> list[dict]:
+    """cfgs: solver name -> composed config (same batch); interleaved repeats; one row of medians per solver."""
+    from bench.run import DTYPES, resolve_device
+
+    any_cfg = next(iter(cfgs.values()))
+    device, dtype = resolve_device(any_cfg["device"]), DTYPES[any_cfg["dtype"]]
+    cases = {s: _case(c, net_kind, device, dtype) for s, c in cfgs.items()}
+    runs = {s: [] for s in cases}
+    for s, case in cases.items():                 # warm-up (first-call allocations, lazy imports)
+        time_once(case, device)
+    for _ in range(repeat):
+        for s, case in cases.items():
+            runs[s].append(time_once(case, device))
+    rows = []
+    for s, rs in runs.items():
+        nfe = rs[0]["nfe"]
+        med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+        rows.append({"solver": s, "net": net_kind, "batch": any_cfg["batch_size"], "nfe": nfe,
+                     "wall_s": med(lambda r: r["wall"]), "in_net_s": med(lambda r: r["in_net"]),
+                     "own_per_nfe_s": med(lambda r: (r["wall"] - r["in_net"]) / r["nfe"]),
+                     "ratio": med(lambda r: r["wall"] / r["in_net"]) if net_kind != "null" else float("nan")})
+    return rows
+
+
+HEADER = (f"{'solver':<18} {'net':<6} {'batch':>5} {'NFE':>4} {'wall ms':>9} {'in-net ms':>9} {'own us/NFE':>10} "
+          f"{'ratio':>7}")
+
+
+def format_row(r: dict) -> str:
+    ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.3f}"
+    return (f"{r['solver']:<18} {r['net']:<6} {r['batch']:>5} {r['nfe']:>4} {r['wall_s'] * 1e3:>9.2f} "
+            f"{r['in_net_s'] * 1e3:>9.2f} {r['own_per_nfe_s'] * 1e6:>10.1f} {ratio:>7}")
+
+
+def compose(solver: str, nfe: int, batch: int, overrides) -> dict:
+    from hydra import compose as hcompose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bench import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        c = hcompose("config", [f"solver={solver}", f"nfe={nfe}", f"batch_size={batch}", f"n_samples={batch}",
+                                "metrics=[]", *overrides])
+    return OmegaConf.to_container(c, resolve=True)
 
 
 def main(args=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench overhead")
-    ap.add_argument("--solvers", default="euler,heun,midpoint,ralston,rk3,rk4")
-    ap.add_argument("--nfe", default="9,33")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the model, e.g. model=digits")
-    a = ap.parse_args(args)
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from bench.models.errors import ConfigError
 
-    from bench.app import CONF_DIR
-    print(f"{'solver':<10} {'NFE':>4} {'counted':>7} {'wall ms':>9} {'fwd ms':>8} {'ratio':>7}")
-    for s in a.solvers.split(","):
-        for nfe in a.nfe.split(","):
-            with initialize_config_dir(CONF_DIR, version_base=None):
-                c = compose("config", [f"solver={s}", f"nfe={nfe}", f"batch_size={a.batch}", *a.overrides])
-            r = overhead(OmegaConf.to_container(c, resolve=True), a.repeat)
-            print(f"{r['solver']:<10} {r['nfe_budget']:>4} {r['nfe']:>7} {r['wall_s'] * 1e3:>9.2f} "
-                  f"{r['forward_s'] * 1e3:>8.3f} {r['ratio']:>7.2f}")
+    ap = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--solvers", default=f"{DETERMINISTIC},{STOCHASTIC}", help="comma-separated solver names")
+    ap.add_argument("--nfe", type=int, default=18, help="NFE budget of every run")
+    ap.add_argument("--batch", default="16,1024", help="comma-separated batch sizes")
+    ap.add_argument("--net", default="null,model", help="null (eps = 0: the solver's own cost), model, or both")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats (the table gives medians)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gmm device=cuda dtype=float64")
+    a = ap.parse_args(args)
+    nets = [n.strip() for n in a.net.split(",") if n.strip()]
+    if bad := [n for n in nets if n not in ("null", "model")]:
+        raise ConfigError(f"overhead: unknown --net {', '.join(bad)}; valid: null, model (comma-separated).")
+    try:
+        batches = [int(b) for b in a.batch.split(",")]
+    except ValueError:
+        raise ConfigError(f"overhead: --batch must be comma-separated positive integers, got {a.batch!r}") from None
+    if any(b < 1 for b in batches) or a.repeat < 1 or a.nfe < 1:
+        raise ConfigError("overhead: --batch, --repeat and --nfe must be positive integers.")
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    solvers = [s.strip() for s in a.solvers.split(",") if s.strip()]
+    print(f"# medians of {a.repeat} interleaved repeats, NFE budget {a.nfe}, threads {torch.get_num_threads()}, "
+          f"overrides {' '.join(a.overrides) or '(none)'}")
+    print(HEADER)
+    for net in nets:
+        for b in batches:
+            cfgs = {s: compose(s, a.nfe, b, a.overrides) for s in solvers}
+            for r in measure(cfgs, net, a.repeat):
+                print(format_row(r), flush=True)
     return 0

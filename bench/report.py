@@ -46,6 +46,8 @@ def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values("id").drop_duplicates("cell", keep="last")
     df["label"] = [solver_label(r) for _, r in df.iterrows()]
     df["label"] = df["label"] + " [" + df["timesteps"].astype(str) + "]"
+    if "guidance_scale" in df.columns:       # conditional models: each guidance scale is its own line
+        df["label"] = df["label"] + [f" s={float(v):g}" if pd.notna(v) else "" for v in df["guidance_scale"]]
     return df
 
 

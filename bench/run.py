@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import fsio, store
+from bench import fsio, guidance, store
 from bench.metrics import MetricContext, make_metric
 from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
@@ -58,7 +58,32 @@ def resolve_device(name: str) -> torch.device:
 
 CELL_FIELDS = ("model", "model_cfg", "solver", "solver_knobs", "timesteps", "timesteps_cfg", "nfe_budget", "seed",
                "n_samples", "dtype", "metric_protocol")
-OPTIONAL_FIELDS = ("solver_source",)   # only in the identity of cells that have them (keys of other cells unchanged)
+OPTIONAL_FIELDS = ("solver_source", "guidance")   # only in the identity of cells that have them (keys of other cells unchanged)
+
+
+# Config keys added after cells were first recorded, at the value that reproduces the earlier behaviour: left out of
+# the identity there, so a cell recorded before a key existed keeps its id (`bench compare` still matches it).
+MODEL_NEUTRAL = {"parametrization": ("eps", None), "conditional": (False, None),
+                 "real_data": lambda v: not (v or {}).get("path"),
+                 "feature_net": lambda v: not any((v or {}).values()),
+                 "schedule": {"zero_terminal_snr": (False, None)}}
+TIMESTEPS_NEUTRAL = {"file": (None,), "source": (None,)}
+
+
+def _without_neutral(d, neutral: dict):
+    """d without the keys whose value is neutral (a tuple of values, a predicate, or a nested table for a dict)."""
+    if not isinstance(d, dict):
+        return d
+    out = {}
+    for k, v in d.items():
+        rule = neutral.get(k)
+        if isinstance(rule, dict):
+            out[k] = _without_neutral(v, rule)
+        elif rule is not None and (rule(v) if callable(rule) else v in rule):
+            continue
+        else:
+            out[k] = v
+    return out
 
 
 def cell_identity(cfg: dict) -> dict:
@@ -74,10 +99,12 @@ def cell_identity(cfg: dict) -> dict:
     extra = {}
     if spec.source:       # a solver defined outside this package: its function and declared NFE are part of the cell
         extra["solver_source"] = {"fn": spec.source, "nfe": spec.nfe_formula}
+    extra.update(guidance.identity(cfg))   # guidance_scale and labels, when not at their defaults
     return {
         **extra,
-        "model": cfg["model"].get("name"), "model_cfg": cfg["model"], "solver": spec.name,
-        "solver_knobs": knobs, "timesteps": ts_name, "timesteps_cfg": ts_cfg,
+        "model": cfg["model"].get("name"), "model_cfg": _without_neutral(cfg["model"], MODEL_NEUTRAL),
+        "solver": spec.name, "solver_knobs": knobs, "timesteps": ts_name,
+        "timesteps_cfg": _without_neutral(ts_cfg, TIMESTEPS_NEUTRAL),
         "nfe_budget": cfg["nfe"], "seed": cfg["seed"], "n_samples": cfg["n_samples"], "dtype": cfg["dtype"],
         "metric_protocol": {m: metric_cfg.get(m) for m in sorted(cfg["metrics"] or [])},
         "code_version": code_version(),
@@ -131,6 +158,8 @@ def plan(cfg: dict):
     """Validate everything the run needs before any work; returns the pieces of the run."""
     if cfg["dtype"] not in DTYPES:
         raise ConfigError(f"Unknown dtype '{cfg['dtype']}'. Valid dtypes are: {', '.join(DTYPES)}.")
+    from bench.optimize_steps import resolve_grid
+    cfg = resolve_grid(cfg)             # timesteps.file read in; an optimised grid's model, NFE and seeds checked
     for k in ("n_samples", "batch_size"):
         if not isinstance(cfg[k], int) or cfg[k] < 1:
             raise ConfigError(f"{k} must be a positive integer, got {cfg[k]!r}")
@@ -152,9 +181,12 @@ def plan(cfg: dict):
     return spec, knobs, metrics, steps, ts_name, ts_cfg, model, t
 
 
-def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, progress=False, indices=None):
+def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, progress=False, indices=None,
+             cond=None, times=None):
     """Sample with per-sample randomness (sample i from its own generator (seed, i)); `indices` picks which of
-    the n_samples (default all).  Returns x_T, samples, counted NFE per batch, seconds."""
+    the n_samples (default all); `cond` (bench.guidance.Conditioning) gives each batch its guided eps from its
+    sample indices.  Returns x_T, samples, counted NFE per batch, seconds spent in the solver alone (issue 17);
+    `times`, a dict, also receives 'setup_s' (generators, x_T, wrappers) and 'sampling_s'."""
     indices = list(range(n_samples) if indices is None else indices)
     xs_T, xs, nfes = [], [], []
     net = model.net.to(device) if hasattr(model.net, "to") else model.net
@@ -162,19 +194,28 @@ def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, 
     if progress and len(batches) > 1:
         from tqdm import tqdm
         batches = tqdm(batches, desc=f"{spec.name} sampling", unit="batch", leave=False)
-    t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    setup_s = sampling_s = 0.0
     for i in batches:
+        t0 = time.perf_counter()
         rng = PerSampleRNG(seed, indices[i:i + batch_size], device=device, dtype=dtype)
         x_T = rng.randn(model.shape) * model.schedule.prior_std()
-        dyn = Dynamics(net, model.schedule)
+        eps = cond.wrap(net, indices[i:i + batch_size]) if cond is not None else net
+        dyn = Dynamics(eps, model.schedule)
+        sync()
+        t1 = time.perf_counter()
         with torch.inference_mode():
             x0 = spec.fn(dyn, x_T, t, rng, **knobs)
+        sync()
+        setup_s, sampling_s = setup_s + t1 - t0, sampling_s + time.perf_counter() - t1
+        if cond is not None:
+            cond.forwards.append(eps.forwards)
         xs_T.append(x_T)
         xs.append(x0)
         nfes.append(dyn.nfe)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return torch.cat(xs_T), torch.cat(xs), nfes, time.perf_counter() - t0
+    if times is not None:
+        times.update(setup_s=setup_s, sampling_s=sampling_s)
+    return torch.cat(xs_T), torch.cat(xs), nfes, sampling_s
 
 
 class FiniteWatch:
@@ -228,9 +269,10 @@ def step_of(t, where: str, t_eval: float | None, spec=None, before=(), **knobs) 
     return max(k, 1)
 
 
-def locate_divergence(model, spec, knobs, t, seed, indices, device, dtype) -> int:
+def locate_divergence(model, spec, knobs, t, seed, indices, device, dtype, cond=None) -> int:
     """Re-run the samples that diverged with a finiteness check on every network call; returns the step."""
     net = model.net.to(device) if hasattr(model.net, "to") else model.net
+    net = cond.wrap(net, indices) if cond is not None else net
     watch = FiniteWatch(net)
     rng = PerSampleRNG(seed, indices, device=device, dtype=dtype)
     x_T = rng.randn(model.shape) * model.schedule.prior_std()
@@ -257,9 +299,11 @@ def _shard_job(cfg: dict, k: int):
     spec, knobs, _, _, _, _, model, t = plan(cfg)
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
     idx = shard_indices(cfg["n_samples"], cfg["num_shards"], k)
+    times = {}
     x_T, x, nfes, secs = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"], cfg["seed"],
-                                  device, dtype, indices=idx)
-    return {"x_T": x_T.cpu(), "samples": x.cpu(), "nfes": nfes, "seconds": secs, "indices": list(idx)}
+                                  device, dtype, indices=idx, cond=guidance.conditioning(cfg, model), times=times)
+    return {"x_T": x_T.cpu(), "samples": x.cpu(), "nfes": nfes, "seconds": secs, "indices": list(idx),
+            "setup_seconds": times["setup_s"]}
 
 
 def _shard_path(cfg: dict, key: str, k: int) -> Path:
@@ -270,10 +314,11 @@ def _save_atomic(path: Path, write) -> None:
     fsio.atomic_write(path, write)
 
 
-def generate_sharded(cfg: dict, key: str, device, dtype):
+def generate_sharded(cfg: dict, key: str, device, dtype, times=None):
     """All samples of a cell from its shards: shard files already on disk (written by runs with shard_index=k,
     e.g. on other machines) are loaded, the rest generated here in `workers` processes.  Results do not
-    depend on the sharding because every sample has its own generator."""
+    depend on the sharding because every sample has its own generator.  `times` receives 'setup_s' (the
+    slowest shard's; shard files written before issue 17 count 0)."""
     n = cfg["num_shards"]
     parts, todo = {}, []
     for k in range(n):
@@ -302,6 +347,8 @@ def generate_sharded(cfg: dict, key: str, device, dtype):
             parts[k] = _shard_job(cfg, k)
     parts = [parts[k] for k in range(n) if len(parts[k]["indices"])]
     cat = lambda f: torch.cat([p[f] for p in parts]).to(device, dtype)  # noqa: E731
+    if times is not None:
+        times["setup_s"] = max(p.get("setup_seconds", 0.0) for p in parts)
     return (cat("x_T"), cat("samples"), [v for p in parts for v in p["nfes"]],
             max(p["seconds"] for p in parts))
 
@@ -325,6 +372,8 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     step; any other error records status 'failed' with the message."""
     t_start = time.perf_counter()
     check_top(cfg)
+    from bench.optimize_steps import resolve_grid
+    cfg = resolve_grid(cfg)   # the grid of timesteps.file in the cell's identity; calibration seeds refused (ConfigError)
     store.open_store(cfg["results_dir"])      # before any work: a directory that cannot hold the store fails now
     force = bool(cfg.get("force", False)) if force is None else force
     ident = cell_identity(cfg)
@@ -342,6 +391,9 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         raise ConfigError(f"shard_index must be null or in 0..num_shards-1 and num_shards >= 1, "
                           f"got shard_index={shard_index!r}, num_shards={num_shards!r}")
     spec, knobs, metrics, steps, ts_name, ts_cfg, model, t = plan(cfg)
+    cond = guidance.conditioning(cfg, model)     # guidance / labels / metrics checked before any work
+    if cond is not None:
+        head["guidance_scale"] = cond.guidance_scale
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
     model = compile_model(model, cfg.get("compile", False))
     config = {**cfg, "timesteps": {"name": ts_name, **ts_cfg}}
@@ -354,10 +406,15 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         return {**row, "status": "shard", "reason": f"wrote {len(part['indices'])} samples to {path}"}
     try:
         if num_shards > 1:
-            x_T, samples, nfes, sampling_time = generate_sharded({**cfg, "num_shards": num_shards}, key, device, dtype)
+            times = {}
+            x_T, samples, nfes, sampling_time = generate_sharded({**cfg, "num_shards": num_shards}, key, device, dtype,
+                                                                 times)
         else:
+            times = {}
             x_T, samples, nfes, sampling_time = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"],
-                                                         cfg["seed"], device, dtype, cfg.get("progress", False))
+                                                         cfg["seed"], device, dtype, cfg.get("progress", False),
+                                                         cond=cond, times=times)
+        row["setup_time_s"] = times["setup_s"]          # generators and x_T: not in sampling_time_s (issue 17)
         if len(set(nfes)) != 1 and not spec.batch_coupled:
             raise RuntimeError(f"solver '{spec.name}' spent different NFE on different batches: {nfes}")
         nfe = max(nfes)       # adaptive (batch-coupled) solvers: each batch's count is kept in nfe_batches
@@ -367,11 +424,14 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         if nfe > cfg["nfe"]:
             raise RuntimeError(f"solver '{spec.name}' spent {nfe} NFE, over its budget of {cfg['nfe']}")
         row.update(nfe=nfe, sampling_time_s=sampling_time)
+        if cond is not None:   # network forwards per sample: 2 per guided NFE (cond + uncond in one call)
+            row["nfe_forwards"] = max(cond.forwards) if cond.forwards else nfe * cond.forwards_per_eval
         bad = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
         if bool(bad.any()):
             first = [int(i) for i in torch.nonzero(bad).flatten()[: cfg["batch_size"]]]
             row.update(status="diverged", n_diverged=int(bad.sum()),
-                       diverged_step=locate_divergence(model, spec, knobs, t, cfg["seed"], first, device, dtype))
+                       diverged_step=locate_divergence(model, spec, knobs, t, cfg["seed"], first, device, dtype,
+                                                       cond))
         else:
             ctx = MetricContext(cfg=cfg, model=model, spec=spec, knobs=knobs, t=t, x_T=x_T, samples=samples,
                                 device=device, dtype=dtype, batch_size=cfg["batch_size"])
@@ -433,9 +493,13 @@ def format_summary(row: dict) -> str:
     ]
     for k, v in row["metrics"].items():
         lines.append((k, f"{v:.4e}" if isinstance(v, float) else str(v)))
-    lines += [("wall time", f"{row['wall_time_s']:.2f} s (sampling {row['sampling_time_s']:.2f} s)"),
+    setup = f", set-up {row['setup_time_s']:.2f} s" if row.get("setup_time_s") is not None else ""
+    lines += [("wall time", f"{row['wall_time_s']:.2f} s (sampling {row['sampling_time_s']:.2f} s{setup})"),
               ("recorded", f"run {row['id']} in {store.db_path(row['config']['results_dir'])}")]
     if row.get("nfe_batches"):
         lines.insert(4, ("NFE per batch", str(row["nfe_batches"])))
+    if row.get("guidance_scale") is not None:
+        lines.insert(4, ("guidance scale / forwards", f"{row['guidance_scale']:g} / {row.get('nfe_forwards')} "
+                                                      f"network forwards per sample"))
     w = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in lines)

@@ -29,7 +29,6 @@ try:
 except ImportError:                             # not POSIX: no in-flight marks, replay as before
     fcntl = None
 
-import pandas as pd
 
 from bench import fsio
 from bench.models.errors import ConfigError
@@ -45,6 +44,9 @@ COLUMNS = {
     "sampling_time_s": "REAL", "code_version": "TEXT", "config": "TEXT",
     "sample_shape": "TEXT", "samples_path": "TEXT", "diverged_step": "INTEGER", "n_diverged": "INTEGER",
     "error": "TEXT", "nfe_batches": "TEXT",
+    "guidance_scale": "REAL",    # conditional models: classifier-free guidance scale s (1 = plain conditional)
+    "nfe_forwards": "INTEGER",   # conditional models: network forwards per sample (2 x nfe when s is not 0 or 1)
+    "setup_time_s": "REAL",      # seconds building the per-sample generators and x_T, outside sampling_time_s
 }
 JSON_COLUMNS = ("solver_knobs", "metrics", "protocols", "config", "sample_shape", "nfe_batches")
 
@@ -356,7 +358,9 @@ def merge(into, sources) -> tuple[int, int]:
     return copied, skipped
 
 
-def load_runs(results_dir, expand_metrics: bool = True) -> pd.DataFrame:
+def load_runs(results_dir, expand_metrics: bool = True) -> "pd.DataFrame":
+    import pandas as pd                 # deferred: a run that skips a recorded cell never needs it
+
     """All runs as a DataFrame; metric columns are expanded next to the run's fields."""
     if not db_path(results_dir).exists():
         return pd.DataFrame(columns=["id", *COLUMNS])

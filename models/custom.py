@@ -21,6 +21,7 @@ from bench.models.imports import import_object
 from bench.models.netio import EpsAdapter, check_output_shape, load_state, read_checkpoint, resolve_path
 from bench.models.registry import LoadedModel, register_model, schedule_from_cfg
 from bench.models.schedules import VPDiscrete
+from bench.models.user_data import real_data_from_cfg
 
 TIME_INPUTS = ("t", "step", "sigma")
 
@@ -90,6 +91,6 @@ def load_custom(cfg: dict) -> LoadedModel:
         data_range = (float(data_range[0]), float(data_range[1]))
     eps = EpsAdapter(net, time_input)
     check_output_shape(eps, shape, "model=custom", cfg.get("weights") or cfg.get("factory"), t=float(schedule.T))
-    return LoadedModel("custom", eps, schedule, shape, data_range=data_range, n_levels=cfg.get("n_levels"),
-                       dataset_id=cfg.get("dataset_id"),
+    data = real_data_from_cfg(cfg, shape, data_range, cfg.get("n_levels"), cfg.get("dataset_id"), "model=custom")
+    return LoadedModel("custom", eps, schedule, shape, **data, parametrization=cfg.get("parametrization") or "eps",     # real_data, feature_net, dataset_id, range, levels
                        info={"factory": cfg.get("factory"), "time_input": cfg.get("time_input", "t")})

@@ -19,9 +19,11 @@ TOY2D_N, TOY2D_NOISE, TOY2D_SEED = 10000, 0.05, 0
 TOY2D_SHIFT, TOY2D_SCALE = np.array([0.5, 0.25]), np.array([0.87, 0.5])
 
 
-def _split(n: int, split: str) -> np.ndarray:
-    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_test = int(round(TEST_FRACTION * n))
+def _split(n: int, split: str, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Sorted indices of `split` among n items: the first round(test_fraction n) of a permutation drawn with
+    numpy's default_rng(seed) are the test set (shared with a user model's real data, models/user_data.py)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(test_fraction * n))
     if split == "test":
         return np.sort(perm[:n_test])
     if split == "train":

@@ -29,6 +29,72 @@ def _bc(c, x):
     return c.reshape(-1, *([1] * (x.dim() - 1))) if c.dim() else c
 
 
+# What a network may predict (DESIGN 'model output'), with x_t = alpha x0 + sigma eps:
+#   eps       the noise eps (Ho et al. 2020)
+#   x0        the data x0 (E[x0 | x_t])
+#   v         v = alpha eps - sigma x0 (Salimans & Ho 2022, sec. 4)
+#   score     grad log q_t(x) = -eps / sigma (Song et al. 2021)
+#   velocity  the probability-flow velocity dx/dt = alpha' x0 + sigma' eps (flow matching, Lipman et al. 2022)
+PARAMETRIZATIONS = ("eps", "x0", "v", "score", "velocity")
+
+
+def to_eps(out, x, t, schedule, parametrization: str):
+    """eps from a network output in `parametrization`, by the closed forms that x = alpha x0 + sigma eps gives:
+      x0:       eps = (x - alpha x0) / sigma
+      v:        eps = (alpha v + sigma x) / (alpha^2 + sigma^2)       (= alpha v + sigma x on VP schedules)
+      score:    eps = -sigma score
+      velocity: eps = (alpha u - alpha' x) / (alpha sigma' - alpha' sigma), the 2x2 solve of x = alpha x0 + sigma eps,
+                u = alpha' x0 + sigma' eps; equal to (u - f x) 2 sigma / g^2, but finite where alpha = 0 (flow at t = 1,
+                alpha' = -1, sigma' = 1: eps = (1 - t) u + x) and without f's and g^2's 1/alpha.
+    Coefficients in float64 from the schedule, then x's dtype; `eps` passes through untouched."""
+    if parametrization == "eps":
+        return out
+    t = torch.as_tensor(t, dtype=torch.float64)
+    s = schedule
+    if parametrization == "x0":
+        return (x - _bc(s.alpha(t), x) * out) / _bc(s.sigma(t), x)
+    if parametrization == "v":
+        a, sg = s.alpha(t), s.sigma(t)
+        return (_bc(a / (a ** 2 + sg ** 2), x) * out + _bc(sg / (a ** 2 + sg ** 2), x) * x)
+    if parametrization == "score":
+        return -_bc(s.sigma(t), x) * out
+    if parametrization == "velocity":
+        a, sg, da, ds = s.alpha(t), s.sigma(t), s.d_alpha(t), s.d_sigma(t)
+        det = a * ds - da * sg
+        return _bc(a / det, x) * out - _bc(da / det, x) * x
+    raise ValueError(f"unknown parametrization {parametrization!r}; valid: {', '.join(PARAMETRIZATIONS)}")
+
+
+class EpsNet(torch.nn.Module):
+    """The eps-callable a LoadedModel exposes: calls the raw network as raw(x, t) (raw(x, t, cond) when a condition is
+    given) and converts its output to eps with to_eps, once per evaluation; for 'eps' the raw output unchanged.
+    .to, .parameters() and .state_dict() are the raw network's (weight fingerprints, device moves unchanged), and any
+    other attribute is looked up on the raw network (model.net.net is an EpsAdapter's network, as before)."""
+
+    def __init__(self, raw_net, schedule, parametrization: str = "eps"):
+        super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}; valid: {', '.join(PARAMETRIZATIONS)}")
+        self.raw_net, self.schedule, self.parametrization = raw_net, schedule, parametrization
+
+    def forward(self, x, t, cond=None):
+        out = self.raw_net(x, t) if cond is None else self.raw_net(x, t, cond)
+        return to_eps(out, x, t, self.schedule, self.parametrization)
+
+    def state_dict(self, *args, **kwargs):
+        sd = getattr(self.raw_net, "state_dict", None)
+        return sd(*args, **kwargs) if sd is not None else {}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raw = self.__dict__.get("raw_net", self.__dict__.get("_modules", {}).get("raw_net"))
+            if raw is None or name.startswith("__"):
+                raise
+            return getattr(raw, name)
+
+
 class Dynamics:
     """Right-hand sides for samplers: ode_rhs(t, x) (torchdiffeq signature), sde_drift(t, x), diffusion(t)."""
 
@@ -80,3 +146,43 @@ class Dynamics:
     def ode_rhs_sigma_hat(self, sigma_hat, x_hat):
         t = self.schedule.t_of_sigma_hat(torch.as_tensor(sigma_hat, dtype=torch.float64))
         return self.eps(_bc(self.schedule.alpha(t), x_hat) * x_hat, t)
+
+
+class Guided:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6, in diffusers' convention):
+    eps = eps(x, t, null_cond) + s (eps(x, t, cond) - eps(x, t, null_cond)), itself an eps-callable (x, t).
+
+    cond and null_cond are tensors batched on dim 0 like x (class labels, or embeddings).  s = 1 is plain
+    conditional sampling and s = 0 unconditional, one network forward each; any other s batches cond and
+    null_cond into ONE network call on 2x the batch.  Wrapped by Dynamics' NFECounter, one guided evaluation
+    counts as one NFE (the field's convention); `forwards` counts network forwards per sample (2 per guided
+    evaluation when s is not 0 or 1), recorded as nfe_forwards."""
+
+    def __init__(self, net, cond, guidance_scale: float = 1.0, null_cond=None):
+        s = float(guidance_scale)
+        if s != 1.0 and null_cond is None:
+            raise ValueError(f"guidance_scale={s} needs a null condition")
+        self.net, self.cond, self.null_cond, self.scale = net, cond, null_cond, s
+        self.forwards = 0
+
+    @property
+    def forwards_per_eval(self) -> int:
+        return 1 if self.scale in (0.0, 1.0) else 2
+
+    def to(self, *args, **kwargs):
+        if hasattr(self.net, "to"):
+            self.net = self.net.to(*args, **kwargs)
+        return self
+
+    def __call__(self, x, t):
+        n = x.shape[0]
+        if self.cond.shape[0] != n:
+            raise ValueError(f"Guided: a batch of {n} samples but {self.cond.shape[0]} conditions")
+        self.forwards += self.forwards_per_eval
+        if self.scale == 1.0:
+            return self.net(x, t, self.cond.to(x.device))
+        if self.scale == 0.0:
+            return self.net(x, t, self.null_cond.to(x.device))
+        both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.cond, self.null_cond]).to(x.device))
+        eps_c, eps_u = both[:n], both[n:]
+        return eps_u + self.scale * (eps_c - eps_u)

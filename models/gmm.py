@@ -72,10 +72,40 @@ class GaussianMixture:
     def log_prob_t(self, x, alpha, sigma):
         return torch.logsumexp(self._terms(x, alpha, sigma)[0], dim=1)
 
-    def score_t(self, x, alpha, sigma):
+    def score_t(self, x, alpha, sigma, labels=None):
+        """grad log q_t(x); with labels (B,), row b's score of q_t(x | y = labels[b]): component k = class k,
+        so the posterior responsibilities become one-hot (label K = the null label: the whole mixture)."""
         logw, cinv_diff = self._terms(x, alpha, sigma)
         r = torch.softmax(logw, dim=1)
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=x.device).long().reshape(-1)
+            onehot = torch.nn.functional.one_hot(labels.clamp(max=self.K - 1), self.K).to(r)
+            r = torch.where((labels < self.K)[:, None], onehot, r)
         return -(r[..., None] * cinv_diff).sum(1)
+
+    def posterior(self, x):
+        """p(y = k | x) of clean data x: the class posterior of the class-conditional mixture (class = component)."""
+        return torch.softmax(self._terms(x, 1.0, 0.0)[0], dim=1)
+
+    def sample_class(self, labels, generator: torch.Generator | None = None):
+        """Exact samples of x_0 | y = labels[i] (component labels[i])."""
+        k = torch.as_tensor(labels).long()
+        z = torch.randn(len(k), self.dim, dtype=torch.float64, generator=generator)
+        return self.means[k] + torch.einsum("nde,ne->nd", self.evecs[k], z * self.evals[k].sqrt())
+
+    def x0_t(self, x, alpha, sigma, labels=None):
+        """Tweedie's E[x0 | x_t = x] from the mixture posterior directly (not through eps): sum_k r_k(x) m_k(x),
+        m_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k) the component's posterior mean (Bishop 2006, eq. 2.116);
+        labels as in score_t.  Finite at alpha = 0 (the data mean) and sigma = 0 (x itself)."""
+        logw, cinv_diff = self._terms(x, alpha, sigma)
+        r = torch.softmax(logw, dim=1)
+        if labels is not None:        # the class-conditional mixture: component = class (score_t's rule)
+            labels = torch.as_tensor(labels, device=x.device).long().reshape(-1)
+            onehot = torch.nn.functional.one_hot(labels.clamp(max=self.K - 1), self.K).to(r)
+            r = torch.where((labels < self.K)[:, None], onehot, r)
+        a = torch.as_tensor(alpha, dtype=x.dtype).reshape(-1, 1, 1)
+        m = self.means.to(x)[None] + a * torch.einsum("kde,bke->bkd", self.covs.to(x), cinv_diff)
+        return (r[..., None] * m).sum(1)
 
     def log_prob(self, x):
         return self.log_prob_t(x, 1.0, 0.0)
@@ -97,13 +127,43 @@ class GaussianMixture:
 
 
 class GMMEps(nn.Module):
-    """eps*(x, t) = -sigma(t) grad log q_t(x): the exact noise predictor of a GaussianMixture."""
+    """eps*(x, t) = -sigma(t) grad log q_t(x): the exact noise predictor of a GaussianMixture.
 
-    def __init__(self, gmm: GaussianMixture, schedule):
+    conditional=True: the class-conditional mixture, class k = component k, null label K; forward(x, t, cond)
+    gives eps*(x, t | y = cond) = -sigma grad log q_t(x | y) (cond=None or K: the unconditional eps*)."""
+
+    parametrization = "eps"   # what forward returns (gmm's `parametrization` knob): exact_prediction's closed forms
+
+    def __init__(self, gmm: GaussianMixture, schedule, conditional: bool = False):
         super().__init__()
-        self.gmm, self.schedule = gmm, schedule
+        self.gmm, self.schedule, self.conditional = gmm, schedule, conditional
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
+        if cond is not None and not self.conditional:
+            raise ValueError("this gmm is unconditional (conditional: false) but was given a condition")
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
         alpha, sigma = self.schedule.alpha(t).to(x.dtype), self.schedule.sigma(t).to(x.dtype)
-        return -sigma.reshape(-1, 1) * self.gmm.score_t(x, alpha, sigma)
+        if self.parametrization != "eps":
+            return exact_prediction(self.gmm, self.schedule, x, t, self.parametrization, cond)
+        return -sigma.reshape(-1, 1) * self.gmm.score_t(x, alpha, sigma, cond)
+
+
+def exact_prediction(gmm: GaussianMixture, schedule, x, t, parametrization: str, labels=None):
+    """The exact prediction in each parametrization (models/dynamics.py PARAMETRIZATIONS), each in closed form from
+    the mixture (not through dynamics.to_eps, so tests/test_parametrization.py compares independent paths):
+    score = grad log q_t; x0 = Tweedie's posterior mean; v = alpha eps - sigma x0 (Salimans & Ho 2022) and
+    velocity = alpha' x0 + sigma' eps (flow matching's dx/dt) from eps = -sigma score and that x0."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    c = lambda v: v.to(x.dtype).reshape(-1, 1)  # noqa: E731
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    a, s = alpha.to(x.dtype), sigma.to(x.dtype)
+    if parametrization == "score":
+        return gmm.score_t(x, a, s, labels)
+    if parametrization == "x0":
+        return gmm.x0_t(x, a, s, labels)
+    eps, x0 = -c(sigma) * gmm.score_t(x, a, s, labels), gmm.x0_t(x, a, s, labels)
+    if parametrization == "v":
+        return c(alpha) * eps - c(sigma) * x0
+    if parametrization == "velocity":
+        return c(schedule.d_alpha(t)) * x0 + c(schedule.d_sigma(t)) * eps
+    raise ConfigError(f"gmm: unknown parametrization {parametrization!r}")

@@ -17,8 +17,12 @@ from bench.models.errors import ConfigError
 from bench.models.netio import EpsAdapter, check_output_shape
 from bench.models.registry import LoadedModel, register_model
 from bench.models.schedules import VPDiscrete, check_schedule
+from bench.models.user_data import real_data_from_cfg
 
 SCHEDULER_FILE = "scheduler_config.json"
+# The scheduler config's prediction_type -> what the UNet predicts (models/dynamics.py converts it to eps):
+# epsilon (Ho et al. 2020), v_prediction (v = alpha eps - sigma x0, Salimans & Ho 2022), sample (x0).
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 def _import_diffusers():
@@ -82,8 +86,10 @@ def load_hf_ddpm(cfg: dict) -> LoadedModel:
         raise ConfigError(f"model=hf_ddpm: scheduler config '{sched_file}' is not a DDPM-style scheduler "
                           f"({type(e).__name__}: {e})") from None
     pred = scheduler.config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ConfigError(f"model=hf_ddpm: '{sched_file}' has prediction_type '{pred}'; only 'epsilon' is supported.")
+    if pred not in PREDICTION_TYPES:
+        raise ConfigError(f"model=hf_ddpm: '{sched_file}' has prediction_type '{pred}'; supported are "
+                          f"{', '.join(PREDICTION_TYPES)}.")
+    parametrization = PREDICTION_TYPES[pred]
     try:
         unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except Exception as e:
@@ -103,7 +109,8 @@ def load_hf_ddpm(cfg: dict) -> LoadedModel:
     net = EpsAdapter(DiscreteEps(unet, len(betas)))
     check_output_shape(net, shape, "model=hf_ddpm", unet_dir, t=float(schedule.T))
     lo, hi = cfg.get("data_range") or (-1.0, 1.0)
-    return LoadedModel("hf_ddpm", net, schedule, shape, dataset_id=f"hf:{cfg.get('path')}",
-                       data_range=(float(lo), float(hi)), n_levels=cfg.get("n_levels"),
+    data = real_data_from_cfg(cfg, shape, (float(lo), float(hi)), cfg.get("n_levels"), f"hf:{cfg.get('path')}",
+                              "model=hf_ddpm")
+    return LoadedModel("hf_ddpm", net, schedule, shape, **data, parametrization=parametrization,    # real_data, feature_net, dataset_id, range, levels
                        info={"path": str(cfg.get("path")), "num_train_timesteps": len(betas),
                              "beta_schedule": scheduler.config.get("beta_schedule")})

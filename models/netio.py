@@ -109,7 +109,7 @@ def check_float64(model) -> None:
     changes of t or x below float32 resolution (a cast to float32 inside, often in its time embedding) gets a
     warning, since the float64 reference is then only float32-accurate.  Checked once per network, before any
     sampling; models whose network is not an EpsAdapter (the exact gmm) compute in the input's dtype already."""
-    net = model.net
+    net = model.net if getattr(model, "raw_net", None) is None else model.raw_net   # the network, not EpsNet
     if not isinstance(net, EpsAdapter) or id(net) in _FLOAT64_OK:
         return
     what = f"model={model.name}"

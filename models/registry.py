@@ -28,6 +28,13 @@ class LoadedModel:
     data_range: tuple | None = None   # (lo, hi) of model-space data, e.g. (-1, 1) for images
     n_levels: int | None = None   # quantisation levels of the raw data (256 for 8-bit, 17 for digits)
     cfg: dict | None = None       # the config it was loaded from (set by load_model)
+    # What the loader's network predicts (bench.models.dynamics.PARAMETRIZATIONS); load_model keeps it as raw_net and
+    # sets net = EpsNet(raw_net), the eps-callable every solver and metric uses ('eps': the raw output unchanged).
+    parametrization: str = "eps"
+    raw_net: Any = None
+    # Conditional models: net(x, t, cond) takes a class label per sample (int64, (batch,)); None = unconditional.
+    n_classes: int | None = None  # number of classes (labels 0 .. n_classes-1); None = an unconditional model
+    null_label: int | None = None # the label meaning "no condition" (classifier-free guidance's unconditional eps)
 
 
 MODELS: dict[str, Callable[[dict], LoadedModel]] = {}
@@ -54,12 +61,39 @@ def load_model(cfg: dict) -> LoadedModel:
     name = cfg.get("name")
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
+    check_parametrization(cfg.get("parametrization") or "eps", f"model={name}")   # before any work (null = eps)
     key = json.dumps(cfg, sort_keys=True, default=str)
     if key not in _CACHE:
-        _CACHE[key] = MODELS[name](cfg)
-        if _CACHE[key].cfg is None:
-            _CACHE[key].cfg = dict(cfg)
+        model = MODELS[name](cfg)
+        _wrap_eps(model, cfg.get("parametrization"))
+        if model.cfg is None:
+            model.cfg = dict(cfg)
+        _CACHE[key] = model
     return _CACHE[key]
+
+
+def check_parametrization(p, what: str) -> str:
+    from bench.models.dynamics import PARAMETRIZATIONS
+
+    if p not in PARAMETRIZATIONS:
+        raise ConfigError(f"{what}: unknown parametrization {p!r}. Valid parametrizations (what the network "
+                          f"predicts) are: {', '.join(PARAMETRIZATIONS)}.")
+    return p
+
+
+def _wrap_eps(model: LoadedModel, declared) -> None:
+    """net becomes EpsNet(raw_net): the one place a network's output is converted to eps (models/dynamics.py)."""
+    from bench.models.dynamics import EpsNet
+
+    if model.raw_net is not None:            # wrapped already
+        return
+    check_parametrization(model.parametrization, f"model={model.name}")
+    if declared is not None and declared != model.parametrization:
+        raise ConfigError(f"model={model.name}: the config declares parametrization '{declared}', but the network "
+                          f"predicts '{model.parametrization}' (what its loader reads from the checkpoint, or 'eps' "
+                          f"for a model that takes no parametrization key); drop model.parametrization.")
+    model.raw_net = model.net
+    model.net = EpsNet(model.net, model.schedule, model.parametrization)
 
 
 @register_model("gmm")
@@ -72,5 +106,11 @@ def _load_gmm(cfg: dict) -> LoadedModel:
     else:
         gmm = GaussianMixture.random(cfg.get("dim", 4), cfg.get("n_components", 3), cfg.get("seed", 0),
                                      cfg.get("mean_scale", 2.0), cfg.get("cov_min", 0.05), cfg.get("cov_max", 0.5))
-    return LoadedModel("gmm", GMMEps(gmm, schedule), schedule, (gmm.dim,), data=gmm,
-                       info={"dim": gmm.dim, "n_components": gmm.K, "exact": True})
+    cond = cfg.get("conditional", False)
+    if not isinstance(cond, bool):
+        raise ConfigError(f"gmm: conditional must be true or false, got {cond!r}")
+    net = GMMEps(gmm, schedule, cond)
+    net.parametrization = check_parametrization(cfg.get("parametrization") or "eps", "model=gmm")
+    return LoadedModel("gmm", net, schedule, (gmm.dim,), data=gmm, parametrization=net.parametrization,
+                       info={"dim": gmm.dim, "n_components": gmm.K, "exact": True, "conditional": cond},
+                       n_classes=gmm.K if cond else None, null_label=gmm.K if cond else None)

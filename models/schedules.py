@@ -68,6 +68,16 @@ class NoiseSchedule:
     def t_of_sigma_hat(self, sigma_hat):
         return self.t_of_lambda(-torch.log(_t(sigma_hat)))
 
+    def d_alpha(self, t):
+        """d alpha/dt (the velocity parametrization; a schedule where alpha reaches 0 overrides it in closed form)."""
+        t = _t(t)
+        return self.alpha(t) * self.d_log_alpha(t)
+
+    def d_sigma(self, t):
+        """d sigma/dt."""
+        t = _t(t)
+        return self.sigma(t) * self.d_log_sigma(t)
+
     def f(self, t):
         """Drift coefficient of the forward SDE dx = f x dt + g dW."""
         return self.d_log_alpha(_t(t))
@@ -227,6 +237,15 @@ def betas_from_file(path) -> torch.Tensor:
     return vals
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Zero terminal SNR (Lin et al. 2024, alg. 1): sqrt(alphabar_n) mapped linearly, s -> (s - s_N) s_1/(s_1 - s_N),
+    so the first is unchanged and the last is 0; the betas of the rescaled alphabar (beta_N = 1).  Idempotent."""
+    s = torch.exp(0.5 * torch.cumsum(torch.log1p(-betas), 0))
+    s = (s - s[-1]) * (s[0] / (s[0] - s[-1]))
+    abar = s ** 2
+    return 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+
+
 class VPDiscrete(_VP):
     """Discrete DDPM betas made continuous: log alpha interpolated piecewise-linearly over
     t_n = (n+1)/N, n = 0..N-1 (DPM-Solver's NoiseScheduleVP('discrete'), Lu et al. 2022, app. D).
@@ -240,13 +259,23 @@ class VPDiscrete(_VP):
     cosine betas; diffusers' lambda_min_clipped, default -inf).  It moves the schedule's T, which every consumer
     reads (x_T drawn from N(0, sigma(T)^2), every grid's first point, NLL's prior), not a solver's grid alone.  The
     references drop the discrete steps below the clip and start at the last kept step; here T is where lambda
-    equals the clip, between two steps."""
+    equals the clip, between two steps.
+
+    zero_terminal_snr (default false): rescale the betas by Lin et al. 2024, alg. 1 (rescale_zero_terminal_snr), so
+    alpha(t_N = 1) = 0; a list or file whose last beta is 1 (diffusers' rescale_betas_zero_snr) is taken the same way.
+    At t_N lambda = -inf and sigma_hat = inf, where no solver can step: that node is left out of the interpolation
+    and T moves to the last node with alpha > 0, t_{N-1} = (N-1)/N (alpha there ~ 6e-5 for linear betas, N = 1000).
+    An eps-network is ill-conditioned there (x0 = (x - sigma eps)/alpha); Lin et al. pair the rescaling with
+    v-prediction and trailing time steps."""
 
     name = "vp_discrete"
 
     def __init__(self, betas="linear", num_steps: int | None = None, beta_start: float | None = None,
                  beta_end: float | None = None, s: float = 0.008, max_beta: float = 0.999, T: float = 1.0,
-                 t_min: float | None = None, lambda_min_clipped: float | None = None):
+                 t_min: float | None = None, lambda_min_clipped: float | None = None, zero_terminal_snr: bool = False):
+        if not isinstance(zero_terminal_snr, bool):
+            raise ConfigError(f"noise schedule 'vp_discrete': zero_terminal_snr must be true (rescale the betas to "
+                              f"alpha(t_N) = 0, Lin et al. 2024) or false, got {zero_terminal_snr!r}.")
         if isinstance(betas, str) and betas in BETA_SCHEDULES:
             if num_steps is None:
                 num_steps = 1000
@@ -279,11 +308,20 @@ class VPDiscrete(_VP):
             if num_steps is not None and int(num_steps) != len(betas):
                 raise ConfigError(f"noise schedule 'vp_discrete': num_steps={num_steps} but the betas have "
                                   f"{len(betas)} entries; leave num_steps null with an explicit list or a file.")
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         self.betas = betas
         self.N = len(betas)
         self.beta_start, self.beta_end = float(betas[0]), float(betas[-1])
         self.t_n = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
         self.log_alpha_n = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
+        self.zero_terminal_snr = bool(betas[-1] == 1)
+        if self.zero_terminal_snr:      # alpha(t_N) = 0: interpolate over the nodes with alpha > 0, start at t_{N-1}
+            if self.N < 3:
+                raise ConfigError(f"noise schedule 'vp_discrete': zero terminal SNR needs at least 3 steps (two with "
+                                  f"alpha > 0), got N = {self.N}.")
+            self.t_n, self.log_alpha_n = self.t_n[:-1], self.log_alpha_n[:-1]
+            T = min(T, float(self.t_n[-1]))
         self.T = T
         self.t_min = 1.0 / self.N if t_min is None else t_min
         self.lambda_min_clipped = self._clip_T(lambda_min_clipped)
@@ -329,7 +367,8 @@ class VPDiscrete(_VP):
 
     def describe(self):
         return {**super().describe(), "num_steps": self.N, "betas": self.source, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "lambda_min_clipped": self.lambda_min_clipped}
+                "beta_end": self.beta_end, "lambda_min_clipped": self.lambda_min_clipped,
+                "zero_terminal_snr": self.zero_terminal_snr}
 
 
 class VE(NoiseSchedule):
@@ -431,6 +470,46 @@ class SubVP(NoiseSchedule):
         return {**super().describe(), "beta_min": self.beta_min, "beta_max": self.beta_max}
 
 
+class Flow(NoiseSchedule):
+    """Rectified flow / flow matching: x_t = (1 - t) x_0 + t eps, alpha = 1 - t, sigma = t (Liu et al. 2022;
+    Lipman et al. 2022, the conditional OT path with sigma_min = 0), lambda = log((1 - t)/t), t(lambda) =
+    sigmoid(-lambda); f and g^2 from the base class (f = -1/(1 - t), g^2 = 2t/(1 - t)).
+
+    T < 1: at t = 1 alpha = 0 and lambda = -inf.  Flow models sample from N(0, I) at t = 1, but the dynamics work in
+    eps (x0 = (x - sigma eps)/alpha), undefined at alpha = 0, and the exponential integrators step in lambda; so
+    sampling starts at T = 0.999 (sigma_hat = 999, lambda = -6.9, the prior N(0, T^2 I) neglects alpha(T) x_0 = 1e-3
+    x_0, less than vp_linear's alpha(1) = 6.6e-3), and T >= 1 is a ConfigError.  SD3's time shift (Esser et al.
+    2024) is a property of the time grid, not of the path: timesteps=shifted timesteps.shift=3 (solvers/timesteps.py)."""
+
+    name = "flow"
+
+    def __init__(self, T: float = 0.999, t_min: float = 1e-3):
+        self.T, self.t_min = T, t_min
+
+    def log_alpha(self, t):
+        return torch.log1p(-_t(t))
+
+    def d_log_alpha(self, t):
+        return -1.0 / (1.0 - _t(t))
+
+    def log_sigma(self, t):
+        return torch.log(_t(t))
+
+    def d_log_sigma(self, t):
+        return 1.0 / _t(t)
+
+    def t_of_lambda(self, lam):
+        # lambda = log((1 - t)/t)  =>  t = 1/(1 + e^lambda)
+        return torch.sigmoid(-_t(lam))
+
+    # d alpha/dt, d sigma/dt in closed form, finite at t = 1 where alpha = 0 (the velocity parametrization's inverse)
+    def d_alpha(self, t):
+        return torch.full_like(_t(t), -1.0)
+
+    def d_sigma(self, t):
+        return torch.ones_like(_t(t))
+
+
 SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
     "vp_linear": VPLinear,
     "vp_cosine": VPCosine,
@@ -438,6 +517,7 @@ SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
     "ve": VE,
     "edm": EDM,
     "sub_vp": SubVP,
+    "flow": Flow,
 }
 
 
@@ -461,7 +541,7 @@ def make_schedule(name: str, **kwargs) -> NoiseSchedule:
                           f"(= {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}). It accepts: {', '.join(accepted)} "
                           f"(null or absent = its default).")
     for k, v in kwargs.items():
-        if k != "betas" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        if k not in ("betas", "zero_terminal_snr") and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise ConfigError(f"noise schedule '{name}': {k}={v!r} must be a finite number.")
     try:
         sch = SCHEDULES[name](**kwargs)
@@ -496,6 +576,10 @@ def check_schedule(sch: NoiseSchedule) -> None:
                                or sch.beta_min + sch.T * (sch.beta_max - sch.beta_min) <= 0):
         bad = (f"beta_min={sch.beta_min}, beta_max={sch.beta_max}, T={sch.T}: need beta_min >= 0, beta_max > 0 and "
                f"beta(T) > 0 (beta > 0 on (0, T], so lambda decreases)")
+    elif name == "flow" and not sch.T < 1:
+        bad = (f"T={sch.T}: need T < 1 (at t = 1 alpha = 0 and lambda = -inf: x0 = (x - sigma eps)/alpha and the "
+               f"exponential integrators' steps in lambda are undefined there); the default T = 0.999 starts at "
+               f"sigma_hat = 999 from N(0, T^2 I)")
     if bad is None and not 0 < sch.t_min < sch.T:
         bad = f"t_min={sch.t_min}, T={sch.T}: need 0 < t_min < T"
     if bad is None:

@@ -78,6 +78,43 @@ def load_digits(cfg: dict) -> LoadedModel:
                        data_range=(-1.0, 1.0), n_levels=datasets.DIGITS_LEVELS)
 
 
+class CondEpsAdapter(EpsAdapter):
+    """EpsAdapter of a conditional network: raw(x, t, cond) passes the class labels through (cond=None: the
+    network's null label)."""
+
+    def raw(self, x, t, cond=None):
+        if cond is None:
+            return super().raw(x, t)
+        t_in = self.time_input(t) if self.time_input is not None else t
+        return self._net_for(x)(x, t_in.to(x.device), cond.to(x.device))
+
+    def forward(self, x, t, cond=None):
+        return self.raw(x, t, cond).to(x.dtype)
+
+
+@register_model("digits_cond")
+def load_digits_cond(cfg: dict) -> LoadedModel:
+    """The class-conditional digits UNet (trained with label dropout: python -m bench.models.train digits_cond)."""
+    shape, what = (1, 8, 8), "model 'digits_cond'"
+    schedule = schedule_from_cfg(cfg)
+    net, record = load_trained(cfg.get("weights"), what, "unet", "digits")
+    path = resolve_path(cfg.get("weights"), what)
+    if not getattr(net, "n_classes", 0):
+        raise ConfigError(f"{what}: '{path}' holds an unconditional UNet; model=digits_cond needs the class-"
+                          f"conditional one written by `python -m bench.models.train digits_cond`.")
+    check_schedule(schedule, record, path, what)
+    eps = CondEpsAdapter(net)
+    check_output_shape(eps, shape, what, path)
+    classifier, crec = load_trained(cfg.get("classifier"), f"{what} classifier", "digit_classifier", "digits")
+    info = {"weights": str(cfg.get("weights")), "train_steps": record.get("steps_done"),
+            "train_loss": record.get("final_loss_ema100"), "classifier_test_accuracy": crec.get("test_accuracy"),
+            "p_uncond": (record.get("train_config") or {}).get("p_uncond")}
+    return LoadedModel("digits_cond", eps, schedule, shape, info=info, real_data=datasets.digits,
+                       feature_net=DigitFeatures(classifier), dataset_id="sklearn-digits-8x8",
+                       data_range=(-1.0, 1.0), n_levels=datasets.DIGITS_LEVELS,
+                       n_classes=net.n_classes, null_label=net.null_label)
+
+
 @register_model("toy2d")
 def load_toy2d(cfg: dict) -> LoadedModel:
     shape = (2,)

@@ -36,15 +36,24 @@ def lr_at(step: int, cfg: dict) -> float:
     return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def eps_loss(net, schedule, x0, gen):
+def eps_loss(net, schedule, x0, gen, cond=None):
     """Continuous-time denoising loss E_t,eps |eps_theta(alpha x0 + sigma eps, t) - eps|^2, t ~ U(t_min, T)
-    (Ho et al. 2020, eq. 14; Song et al. 2021, eq. 7 with lambda(t) = sigma^2)."""
+    (Ho et al. 2020, eq. 14; Song et al. 2021, eq. 7 with lambda(t) = sigma^2); with cond, the network sees it."""
     n = x0.shape[0]
     t = schedule.t_min + (schedule.T - schedule.t_min) * torch.rand(n, generator=gen, dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=gen)
     shape = (n,) + (1,) * (x0.dim() - 1)
     a, s = schedule.alpha(t).float().reshape(shape), schedule.sigma(t).float().reshape(shape)
-    return ((net(a * x0 + s * eps, t.float()) - eps) ** 2).mean()
+    xt = a * x0 + s * eps
+    out = net(xt, t.float()) if cond is None else net(xt, t.float(), cond)
+    return ((out - eps) ** 2).mean()
+
+
+def drop_labels(y, p_uncond: float, null_label: int, gen):
+    """Label dropout of classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label is replaced by
+    the null label with probability p_uncond, so one network learns eps(x, t, y) and eps(x, t)."""
+    drop = torch.rand(y.shape[0], generator=gen) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def classifier_loss(net, x, y, gen):
@@ -60,12 +69,18 @@ def train(name: str, overrides: dict | None = None) -> dict:
     torch.set_num_threads(cfg["threads"])
     torch.set_flush_denormal(True)
     gen = torch.Generator().manual_seed(cfg["seed"])
-    is_eps = cfg["kind"] == "eps"
+    kinds = ("eps", "eps_cond", "classifier")
+    if cfg["kind"] not in kinds:
+        raise SystemExit(f"conf/train/{name}.yaml: kind '{cfg['kind']}' is not one of {kinds}")
+    is_eps, is_cond = cfg["kind"] in ("eps", "eps_cond"), cfg["kind"] == "eps_cond"
     net = ARCHS[cfg["arch"]](**cfg["arch_kwargs"])
     if is_eps:
         model_cfg = load_yaml(CONF / "model" / f"{name}.yaml")
         schedule = schedule_from_cfg(model_cfg)
-        x = datasets.DATASETS[cfg["dataset"]]("train")
+        if is_cond:   # conditional eps-model: (image, label) pairs, labels dropped to the null label at p_uncond
+            x, y = datasets.DATASETS[cfg["dataset"]]("train", with_labels=True)
+        else:
+            x = datasets.DATASETS[cfg["dataset"]]("train")
     else:
         x, y = datasets.digits("train", with_labels=True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -79,7 +94,13 @@ def train(name: str, overrides: dict | None = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         idx = torch.randint(0, len(x), (cfg["batch_size"],), generator=gen)
-        loss = eps_loss(net, schedule, x[idx], gen) if is_eps else classifier_loss(net, x[idx], y[idx], gen)
+        if is_cond:
+            cond = drop_labels(y[idx], cfg["p_uncond"], net.null_label, gen)
+            loss = eps_loss(net, schedule, x[idx], gen, cond)
+        elif is_eps:
+            loss = eps_loss(net, schedule, x[idx], gen)
+        else:
+            loss = classifier_loss(net, x[idx], y[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

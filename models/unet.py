@@ -47,13 +47,22 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """UNet eps-net: one ResBlock per level going down, two going up with skip connections."""
+    """UNet eps-net: one ResBlock per level going down, two going up with skip connections.
 
-    def __init__(self, in_ch: int = 1, base: int = 32, mults=(1, 2, 2), t_dim: int = 128):
+    n_classes > 0 makes it class-conditional: forward(x, t, cond) adds a learned class embedding (n_classes + 1
+    rows, the last the null label meaning "unconditional", as classifier-free guidance trains it; Ho & Salimans
+    2022) to the time embedding; cond=None asks for the null label."""
+
+    def __init__(self, in_ch: int = 1, base: int = 32, mults=(1, 2, 2), t_dim: int = 128, n_classes: int = 0):
         super().__init__()
         self.config = {"in_ch": in_ch, "base": base, "mults": list(mults), "t_dim": t_dim}
+        if n_classes:
+            self.config["n_classes"] = int(n_classes)
+        self.n_classes = int(n_classes)
+        self.null_label = self.n_classes
         chs = [base * m for m in mults]
         self.time = TimeMLP(t_dim // 2, t_dim)
+        self.label_emb = nn.Embedding(self.n_classes + 1, t_dim) if self.n_classes else None
         self.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -71,8 +80,14 @@ class UNet(nn.Module):
             self.upsample.append(nn.Upsample(scale_factor=2, mode="nearest") if i > 0 else nn.Identity())
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         temb = self.time(t)
+        if self.label_emb is not None:
+            if cond is None:
+                cond = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+            temb = temb + self.label_emb(cond.long()).to(temb.dtype)
+        elif cond is not None:
+            raise ValueError("this UNet is unconditional (n_classes=0) but was given a condition")
         h = self.conv_in(x)
         skips = []
         for block, down in zip(self.down, self.downsample):

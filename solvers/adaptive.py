@@ -10,7 +10,6 @@ so the budget is never exceeded; the counted NFE is what the run records.  Fixed
 from __future__ import annotations
 
 import torch
-from torchdiffeq import odeint
 
 from bench.models.dynamics import _bc
 from bench.models.errors import ConfigError
@@ -44,6 +43,8 @@ def trajectory_log_sigma_hat(dyn, x_T, t, rtol=1e-5, atol=1e-5, method="dopri5",
         return torch.exp(u_) * dyn.ode_rhs_sigma_hat(torch.exp(u_), x_hat)
 
     kw = {} if method in FIXED_STAGES else {"rtol": rtol, "atol": atol}
+    from torchdiffeq import odeint     # deferred: torchdiffeq (and scipy) only for the solvers that use it
+
     x_hat = odeint(rhs, x_T / _bc(sch.alpha(t[0]), x_T), u, method=method, **kw)
     return x_hat * sch.alpha(t).to(x_T).reshape(-1, *([1] * x_T.dim()))
 

@@ -23,22 +23,36 @@ D2_SCALE = {"taylor": 2.0, "dpm_solver_code": 1.0}   # DPM-Solver++(3M): weight 
 
 
 class _Grid:
-    """lambda, alpha, sigma at the grid points, and the intermediate time at lambda_s + r h."""
+    """lambda, alpha, sigma at the grid points, and the intermediate time at lambda_s + r h.  Computed once per
+    solve (issue 17): the step loops read Python floats and do tensor arithmetic with the network's output only."""
 
     def __init__(self, schedule, t):
         self.sch, self.t = schedule, t
         self.lam = schedule.lambda_(t).tolist()
+        self.alpha, self.sigma = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
+        self._at = {}
+
+    def prepare(self, lams):
+        """Evaluate the schedule at the intermediate log-SNRs `lams` of a whole solve in one call (for `at`)."""
+        lams = [lam for lam in dict.fromkeys(lams) if lam not in self._at]
+        if lams:
+            t = self.sch.t_of_lambda(torch.tensor(lams, dtype=torch.float64))
+            for lam, ti, a, s in zip(lams, t, self.sch.alpha(t).tolist(), self.sch.sigma(t).tolist()):
+                self._at[lam] = (ti, a, s)
 
     def at(self, lam):
-        t = self.sch.t_of_lambda(torch.tensor(lam, dtype=torch.float64))
-        return t, float(self.sch.alpha(t)), float(self.sch.sigma(t))
+        if lam not in self._at:
+            self.prepare([lam])
+        return self._at[lam]
 
     def point(self, i):
-        t = self.t[i]
-        return t, float(self.sch.alpha(t)), float(self.sch.sigma(t))
+        return self.t[i], self.alpha[i], self.sigma[i]
 
 
 # ---------------------------------------------------------------- DPM-Solver (noise prediction)
+
+DPM_STAGES = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}   # r of the intermediate points of DPM-Solver-k (dpm_solver_step)
+
 
 def dpm_solver_step(dyn, g, x, i, order, eps_s):
     """One singlestep DPM-Solver-k update from t_i to t_{i+1} (Lu et al. 2022, eq. 3.7 for k=1 (DDIM),
@@ -126,6 +140,7 @@ def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False, o
         raise ConfigError(f"solver 'dpm_solver': the orders {alloc} need a grid of {len(alloc) + 1} points "
                           f"({len(alloc)} intervals), got {len(t)} (an explicit time list of another length?).")
     g = _Grid(dyn.schedule, t)
+    g.prepare([g.lam[i] + r * (g.lam[i + 1] - g.lam[i]) for i, k in enumerate(alloc) for r in DPM_STAGES[k]])
     for i, k in enumerate(alloc):
         x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, t[i]))
     return dyn.x0(x, t[-1]) if final == "x0" else x
@@ -216,6 +231,8 @@ def dpm_solver_pp_sample(dyn, x, t, rng=None, order: int = 2, method: str = "mul
     g = _Grid(dyn.schedule, t)
     n = len(t)
     if method == "singlestep":
+        if order == 2:
+            g.prepare([g.lam[i] + 0.5 * (g.lam[i + 1] - g.lam[i]) for i in range(n - 1)])
         for i in range(n - 1):
             x0_s = dyn.x0(x, t[i])
             x = pp_singlestep2_update(dyn, g, x, i, x0_s) if order == 2 else pp_multistep_update(g, x, i, [x0_s], 1)

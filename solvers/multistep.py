@@ -20,12 +20,14 @@ Start-up (knob `startup`): the first k-1 steps have no full history.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from bench.models.errors import ConfigError
 from bench.solvers.knobs import check_choice
 from bench.solvers.registry import register_solver
-from bench.solvers.rk import TABLEAUS, rk_step
+from bench.solvers.rk import TABLEAUS, rk_apply, rk_plan
 from bench.solvers.variables import VARIABLES, ODEVariable
 
 ORDERS = (1, 2, 3, 4)
@@ -36,6 +38,12 @@ IPNDM_COEFFS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
                 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
+@lru_cache(maxsize=None)
+def _gauss_legendre_01(k):
+    xg, wg = np.polynomial.legendre.leggauss(k)
+    return (xg + 1) / 2, wg / 2
+
+
 def ab_coefficients(s_hist, s_next):
     """Weights w_j with  int_{s_n}^{s_next} p(s) ds = h * sum_j w_j f_j,  p interpolating (s_hist[j], f_j),
     s_hist newest first (variable-step Adams-Bashforth)."""
@@ -43,8 +51,7 @@ def ab_coefficients(s_hist, s_next):
     h = s_next - s_hist[0]
     z = (s_hist - s_hist[0]) / h                      # nodes in units of the step: 0, -r1, ...
     k = len(z)
-    xg, wg = np.polynomial.legendre.leggauss(max(k, 1))
-    xg, wg = (xg + 1) / 2, wg / 2                      # Gauss-Legendre on [0, 1], exact to degree 2k-1
+    xg, wg = _gauss_legendre_01(max(k, 1))            # Gauss-Legendre on [0, 1], exact to degree 2k-1
     w = np.empty(k)
     for j in range(k):
         lj = np.ones_like(xg)
@@ -77,18 +84,24 @@ def ab_sample(dyn, x, t, rng=None, order: int = 2, ipndm: bool = False, variable
     s = V.s_of_t(t).tolist()
     y = V.to_state(x, t[0])
     n_rk = _startup_steps(order, startup, len(t), ipndm)
+    # what depends on the grid only, once per solve (issue 17): the points where the derivative is evaluated, the
+    # start-up steps' Runge-Kutta plans, and each Adams step's weights h w_j
+    pts = V.points(s)
+    rk = [rk_plan(V, STARTUP_TABLEAU[order], s[n:n + 2], y.dtype)[0] for n in range(n_rk)]
+    hw = [None] * n_rk
+    for n in range(n_rk, len(t) - 1):
+        k, h = min(order, n + 1), s[n + 1] - s[n]
+        w = IPNDM_COEFFS[k] if ipndm else ab_coefficients(s[n - k + 1:n + 1][::-1], s[n + 1])
+        hw.append([float(h * wj) for wj in w])
     hist = []                                          # derivatives, newest first
     for n in range(len(t) - 1):
-        d, _ = V.deriv(s[n], y)
+        d, _ = V.deriv(pts[n], y)
         hist = [d] + hist[:order - 1]
         if n < n_rk:                                   # Runge-Kutta start-up step of order k-1, first stage = d
-            y = rk_step(V, STARTUP_TABLEAU[order], s[n], s[n + 1], y, k0=d)
+            y = rk_apply(V, rk[n], y, k0=d)
             continue
-        k = len(hist)
-        h = s[n + 1] - s[n]
-        w = IPNDM_COEFFS[k] if ipndm else ab_coefficients(s[n - k + 1:n + 1][::-1], s[n + 1])
-        y = y + sum(float(h * wj) * dj for wj, dj in zip(w, hist))
-    _, eps = V.deriv(s[-1], y)
+        y = y + sum(c * dj for c, dj in zip(hw[n], hist))
+    _, eps = V.deriv(pts[-1], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 
 

@@ -23,31 +23,52 @@ TABLEAUS = {
 }
 
 
-def rk_step(V, tableau: str, s_n, s_next, y, k0=None):
-    """One explicit RK step of `tableau` in the variable of V from s_n to s_next (Butcher 2016, eq. 232a);
-    k0, when given, is the first stage's derivative at (s_n, y) already evaluated (c_1 = 0)."""
+def rk_plan(V, tableau: str, s, dtype):
+    """Everything of the steps of `tableau` on the grid s (variable values) that does not depend on the state: per
+    step, the stages' GridPoints at s_n + c_i h and the weights h a_ij, h b_i as tensors of the state's dtype,
+    computed once per solve (issue 17)."""
     A, b, c, _ = TABLEAUS[tableau]
-    s_n, s_next = torch.as_tensor(s_n, dtype=torch.float64), torch.as_tensor(s_next, dtype=torch.float64)
-    h = s_next - s_n
+    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
+    h = s[1:] - s[:-1]
+    stage_s = torch.stack([s[:-1] + ci * h for ci in c], dim=1)                     # (steps, stages)
+    pts = V.points(stage_s.reshape(-1))
+    plan = []
+    for n in range(len(h)):
+        a = [[(j, (h[n] * A[i][j]).to(dtype)) for j in range(i) if A[i][j] != 0.0] for i in range(len(b))]
+        w = [(i, (h[n] * bi).to(dtype)) for i, bi in enumerate(b) if bi != 0.0]
+        plan.append((pts[n * len(c):(n + 1) * len(c)], a, w))
+    return plan
+
+
+def rk_apply(V, step, y, k0=None):
+    """One explicit RK step (Butcher 2016, eq. 232a) from its plan (rk_plan); k0, when given, is the first stage's
+    derivative at (s_n, y) already evaluated (c_1 = 0)."""
+    pts, a, w = step
     k = []
-    for i in range(len(b)):
+    for i, p in enumerate(pts):
         if i == 0 and k0 is not None:
             k.append(k0)
             continue
         yi = y
-        for j in range(i):
-            if A[i][j] != 0.0:
-                yi = yi + (h * A[i][j]).to(y.dtype) * k[j]
-        k.append(V.deriv(s_n + c[i] * h, yi)[0])
-    return y + sum((h * bi).to(y.dtype) * ki for bi, ki in zip(b, k) if bi != 0.0)
+        for j, aij in a[i]:
+            yi = yi + aij * k[j]
+        k.append(V.deriv(p, yi)[0])
+    return y + sum(bi * k[i] for i, bi in w)
+
+
+def rk_step(V, tableau: str, s_n, s_next, y, k0=None):
+    """One explicit RK step of `tableau` in the variable of V from s_n to s_next (Butcher 2016, eq. 232a);
+    k0, when given, is the first stage's derivative at (s_n, y) already evaluated (c_1 = 0)."""
+    s = torch.stack([torch.as_tensor(s_n, dtype=torch.float64), torch.as_tensor(s_next, dtype=torch.float64)])
+    return rk_apply(V, rk_plan(V, tableau, s, y.dtype)[0], y, k0)
 
 
 def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat"):
     V = ODEVariable(dyn, variable)
     s = V.s_of_t(t)
     y = V.to_state(x, t[0])
-    for n in range(len(t) - 1):
-        y = rk_step(V, tableau, s[n], s[n + 1], y)
+    for step in rk_plan(V, tableau, s, y.dtype):
+        y = rk_apply(V, step, y)
     _, eps = V.deriv(s[-1], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 

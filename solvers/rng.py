@@ -1,33 +1,129 @@
-"""Per-sample randomness: sample i draws from its own generator, so it is the same whatever the
-batch size, sharding or sweep order (DESIGN: one generator per sample index).
+"""Per-sample randomness: sample i draws from its own stream, so it is the same whatever the batch size,
+sharding or sweep order (DESIGN: one generator per sample index).
 
-Each generator is seeded from numpy's SeedSequence((seed, index)), which keeps the streams of
-different (seed, index) pairs independent (plain seed + index would make seed 1's sample 0
-repeat seed 0's sample 1).
+The streams are counter-based, so a draw for a whole batch is a handful of array operations (issue 17), not a
+Python loop over per-sample generators:
+- sample i of seed s gets the SplitMix64 stream (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number
+  generators"): state_n = key_i + n gamma_i (mod 2^64), output mix64(state_n).  Its (key_i, gamma_i) are outputs
+  2i+1 and 2i+2 of the SplitMix64 stream seeded with the seed's first output (the paper's `split`: a child's seed
+  and gamma are two successive outputs of the parent; gamma odd, with >= 24 bit transitions as the paper
+  requires), so the pair (seed, index) picks the stream and seed + index never aliases another pair (seed 1's
+  sample 0 is not seed 0's sample 1).
+- the n-th draw position of the stream gives one 64-bit word; its two 32-bit halves are the uniforms of one
+  Box-Muller pair (Box & Muller 1958), r = sqrt(-2 log u1), theta = 2 pi u2: the first half of a draw's values
+  are r cos theta, the second half r sin theta.  u1 = (k + 1/2) 2^-32 is never 0, so |z| <= 6.8.
+- every sample of a PerSampleRNG draws together, so one counter (stream words used so far) serves them all, and the
+  n-th draw of sample i depends only on (seed, i) and the shapes drawn before it.
+The words and normals are computed with numpy on the host (uint64 arithmetic wraps as the paper's does; numpy
+was 2x faster than int64 torch ops here; a (1024, 64) draw takes 2x one torch.randn of the batch, 1/18 of the
+per-sample torch generators it replaced), in float32, then cast and moved: a
+float32 run and a float64 reference see the same z, on any device.  numpy's SIMD float32 log/cos/sin may round
+an ulp differently on another CPU type.
+
+Streams of this module changed with issue 17 (they were per-sample torch generators seeded with sample_seed); the
+torch generators survive as `gens` for code that hands generators to other libraries (diffusers) or draws the
+metrics' own streams with them, and `sample_seed` names a seed for such a generator.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
+GOLDEN = 0x9E3779B97F4A7C15                       # SplitMix64's default gamma (2^64 / golden ratio, odd)
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's output mix (Stafford's variant 13)
+_U64 = (1 << 64) - 1
+_M1_NP, _M2_NP, _S27, _S30, _S31, _S32 = (np.uint64(v) for v in (_M1, _M2, 27, 30, 31, 32))
+_LO32 = np.uint64(0xFFFFFFFF)
+
 
 def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for a torch.Generator of sample `index` (numpy's SeedSequence((seed, index)))."""
     return int(np.random.SeedSequence((int(seed), int(index))).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _signed(v: int) -> int:
+    v &= _U64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's output function on a Python int (the reference the array version is tested against)."""
+    z &= _U64
+    z = ((z ^ (z >> 30)) * _M1) & _U64
+    z = ((z ^ (z >> 27)) * _M2) & _U64
+    return z ^ (z >> 31)
+
+
+def _mix64_np(z):
+    """mix64 on a uint64 array, in place (array products wrap modulo 2^64 silently, as the paper's unsigned
+    arithmetic does; only numpy scalars warn on overflow)."""
+    z ^= z >> _S30
+    z *= _M1_NP
+    z ^= z >> _S27
+    z *= _M2_NP
+    z ^= z >> _S31
+    return z
+
+
+def stream_keys(seed: int, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(key_i, gamma_i) as uint64 arrays: outputs 2i+1, 2i+2 of SplitMix64 seeded with mix64(seed + GOLDEN)."""
+    idx = np.asarray(list(indices), dtype=np.uint64)
+    root = np.uint64(mix64(int(seed) + GOLDEN))
+    g = np.uint64(GOLDEN)
+    with np.errstate(over="ignore"):
+        key = _mix64_np(root + (np.uint64(2) * idx + np.uint64(1)) * g)
+        gamma = _mix64_np(root + (np.uint64(2) * idx + np.uint64(2)) * g) | np.uint64(1)
+    weak = np.bitwise_count(gamma ^ (gamma >> np.uint64(1))) < 24        # too few bit transitions: flip every other bit
+    gamma = np.where(weak, gamma ^ np.uint64(0xAAAAAAAAAAAAAAAA), gamma)
+    return key, gamma
 
 
 class PerSampleRNG:
     def __init__(self, seed: int, indices, device="cpu", dtype=torch.float32):
-        self.indices = list(indices)
-        self.gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
+        self.seed, self.indices = int(seed), list(indices)
         self.device, self.dtype = device, dtype
+        key, gamma = stream_keys(self.seed, self.indices)
+        self._key, self._gamma = key[:, None], gamma[:, None]
+        self._drawn = 0                                    # stream positions used so far (the same for every sample)
+        self._gens = None
 
     def __len__(self):
-        return len(self.gens)
+        return len(self.indices)
+
+    @property
+    def gens(self) -> list[torch.Generator]:
+        """One torch.Generator per sample, seeded with sample_seed(seed, i): for code that needs generators
+        (diffusers' `generator=[...]`, the metrics' own streams).  Independent of randn's stream."""
+        if self._gens is None:
+            self._gens = [torch.Generator().manual_seed(sample_seed(self.seed, i)) for i in self.indices]
+        return self._gens
 
     def randn(self, shape, dtype=None):
-        """A (batch, *shape) standard normal draw; row i comes from sample i's own stream (drawn on CPU in float64)."""
-        z = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64) for g in self.gens])
+        """A (batch, *shape) standard normal draw; row i comes from sample i's own stream (module docstring)."""
+        shape = tuple(int(s) for s in shape)
+        m = math.prod(shape)
+        pairs = (m + 1) // 2                                                 # one stream word per Box-Muller pair
+        words = self.words(pairs)                                            # (batch, pairs) uint64
+        lo = (words & _LO32).astype(np.float32)
+        r = np.sqrt(-2.0 * np.log((lo + np.float32(0.5)) * np.float32(2.0 ** -32)))   # u1 = (k + 1/2) 2^-32 in (0, 1]
+        theta = (words >> _S32).astype(np.float32) * np.float32(2 * math.pi * 2.0 ** -32)  # 2 pi u2
+        z = np.empty((len(self.indices), 2 * pairs), dtype=np.float32)
+        np.cos(theta, out=z[:, :pairs])
+        np.sin(theta, out=z[:, pairs:])
+        z[:, :pairs] *= r
+        z[:, pairs:] *= r
+        z = torch.from_numpy(z[:, :m].reshape(len(self.indices), *shape))
         return z.to(self.device, dtype or self.dtype)
+
+    def words(self, count: int):
+        """The next `count` 64-bit words of every sample's stream, (batch, count) uint64: mix64(key + n gamma)."""
+        n = np.arange(self._drawn + 1, self._drawn + 1 + count, dtype=np.uint64)
+        self._drawn += count
+        z = n * self._gamma
+        z += self._key
+        return _mix64_np(z)
 
     def randn_like(self, x):
         return self.randn(x.shape[1:], dtype=x.dtype)
@@ -38,3 +134,13 @@ class PerSampleRNG:
         draw their noise through this method, so a strong-error reference can substitute a path-consistent
         source (one Brownian path per sample on a fine grid); here it is simply a fresh draw."""
         return self.randn_like(x)
+
+
+class TorchGeneratorRNG(PerSampleRNG):
+    """Draws from the per-sample torch generators `gens` (one call per sample, the stream before issue 17), the
+    way diffusers draws with generator=[...]: for comparing a solver with a diffusers scheduler on the same noise
+    (tests/test_sde_solvers.py), not for benchmark runs, whose noise is PerSampleRNG's."""
+
+    def randn(self, shape, dtype=None):
+        z = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64) for g in self.gens])
+        return z.to(self.device, dtype or self.dtype)

@@ -94,21 +94,25 @@ def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0, variance:
     _check_ancestral(variant, eta, variance)
     sch = dyn.schedule
     sig = sch.sigma_hat(t)
+    # the step's coefficients depend on the grid only: computed for every step at once (issue 17)
+    ups, downs = ancestral_sigmas(sig[:-1], sig[1:], eta)
+    alpha, sigma = sch.alpha(t), sch.sigma(t)
+    if variant == "ddpm":
+        sigma_eta = alpha[1:] * ups                           # sigma_hat -> x units
+        std = sigma_eta if variance == "posterior" else alpha[:-1] * torch.sqrt(sig[:-1] ** 2 - sig[1:] ** 2)
+        c_x0, c_eps, c_z = alpha[1:], torch.sqrt(sigma[1:] ** 2 - sigma_eta ** 2), std
+    else:
+        c_eps, c_z = downs - sig[:-1], ups
     for n in range(len(t) - 1):
         eps = dyn.eps(x, t[n])
-        up, down = ancestral_sigmas(sig[n], sig[n + 1], eta)
         z = rng.increment(x, t[n], t[n + 1])
         if variant == "ddpm":
-            a_s = sch.alpha(t[n + 1])
-            sigma_eta = a_s * up                              # sigma_hat -> x units
             x0 = dyn.x0(x, t[n], eps=eps)
-            std = sigma_eta if variance == "posterior" else sch.alpha(t[n]) * torch.sqrt(sig[n] ** 2 - sig[n + 1] ** 2)
-            x = _bc(a_s, x) * x0 + _bc(torch.sqrt(sch.sigma(t[n + 1]) ** 2 - sigma_eta ** 2), x) * eps \
-                + _bc(std, x) * z
+            x = _bc(c_x0[n], x) * x0 + _bc(c_eps[n], x) * eps + _bc(c_z[n], x) * z
         else:
-            x_hat = x / _bc(sch.alpha(t[n]), x)
-            x_hat = x_hat + _bc(down - sig[n], x) * eps + _bc(up, x) * z    # d x_hat/d sigma_hat = eps
-            x = x_hat * _bc(sch.alpha(t[n + 1]), x)
+            x_hat = x / _bc(alpha[n], x)
+            x_hat = x_hat + _bc(c_eps[n], x) * eps + _bc(c_z[n], x) * z      # d x_hat/d sigma_hat = eps
+            x = x_hat * _bc(alpha[n + 1], x)
     return dyn.x0(x, t[-1])
 
 
@@ -138,11 +142,14 @@ def edm_stochastic(dyn, x, t, rng, S_churn: float = 30.0, S_min: float = 0.01, S
     sig = sch.sigma_hat(t)
     N = len(t)
     x_hat = x / _bc(sch.alpha(t[0]), x)
+    # the churn of every step depends on the grid only: decided and scaled before sampling (issue 17)
+    gammas = [min(S_churn / N, math.sqrt(2) - 1) if S_min <= s <= S_max else 0.0 for s in sig.tolist()]
+    sig_cs = sig * torch.tensor([1 + g for g in gammas], dtype=sig.dtype)          # line 5: t_hat_i
+    noise = torch.sqrt(sig_cs ** 2 - sig ** 2) * S_noise
     for i in range(N):
-        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= float(sig[i]) <= S_max else 0.0
-        sig_c = sig[i] * (1 + gamma)                                             # line 5: t_hat_i
+        gamma, sig_c = gammas[i], sig_cs[i]
         if gamma > 0:                                                            # line 6
-            x_hat = x_hat + _bc(torch.sqrt(sig_c ** 2 - sig[i] ** 2) * S_noise, x_hat) * rng.randn_like(x_hat)
+            x_hat = x_hat + _bc(noise[i], x_hat) * rng.randn_like(x_hat)
         d = dyn.ode_rhs_sigma_hat(sig_c, x_hat)                                  # line 7: (x - D)/t_hat = eps
         if i == N - 1:                                                           # last step Euler to sigma = 0
             return x_hat - _bc(sig_c, x_hat) * d                                 # = D(x_hat; sig_c), i.e. x0

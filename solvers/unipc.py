@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from bench.solvers.exponential import _Grid
@@ -32,29 +33,38 @@ def _rho_system(rks, h, order, variant):
         b.append(h_phi_k * fact / B_h)
         fact *= i + 1
         h_phi_k = h_phi_k / hh - 1 / fact
-    return torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), B_h
+    return np.array(R, dtype=np.float64), np.array(b, dtype=np.float64), B_h
 
 
-def unipc_update(g, x, i, hist, order, variant, m_new=None):
-    """UniP-order update from t_i to t_{i+1} (m_new None), or UniC-order correction of the point at t_{i+1}
-    given m_new = x0-prediction there; hist = x0-predictions at t_i, t_{i-1}, ... (newest first)."""
+def unipc_coefficients(g, i, order, variant, corrector=True):
+    """The scalars of the UniP-order update from t_i to t_{i+1} and of its UniC-order correction: they depend on
+    the grid only, so a solve computes them once per step before sampling (issue 17).  Returns
+    (sigma ratio, a_t expm1(-h), a_t B(h), rks, predictor rhos, corrector rhos or None)."""
     lam_s0, lam_t = g.lam[i], g.lam[i + 1]
     h = lam_t - lam_s0
     _, _, s_s0 = g.point(i)
     _, a_t, s_t = g.point(i + 1)
-    m0 = hist[0]
     rks = [(g.lam[i - j] - lam_s0) / h for j in range(1, order)]
-    D1s = [(hist[j] - m0) / rk for j, rk in zip(range(1, order), rks)]
     R, b, B_h = _rho_system(rks + [1.0], h, order, variant)
-    x_t = (s_t / s_s0) * x - (a_t * math.expm1(-h)) * m0
+    pred = [] if order == 1 else [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+    corr = None if not corrector else [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
+    return s_t / s_s0, a_t * math.expm1(-h), a_t * B_h, rks, pred, corr
+
+
+def unipc_update(g, x, i, hist, order, variant, m_new=None, coef=None):
+    """UniP-order update from t_i to t_{i+1} (m_new None), or UniC-order correction of the point at t_{i+1}
+    given m_new = x0-prediction there; hist = x0-predictions at t_i, t_{i-1}, ... (newest first); coef =
+    unipc_coefficients(g, i, order, variant), computed here when not given."""
+    ratio, lin, scale, rks, pred, corr = coef or unipc_coefficients(g, i, order, variant, m_new is not None)
+    m0 = hist[0]
+    D1s = [(hist[j] - m0) / rk for j, rk in zip(range(1, order), rks)]
+    x_t = ratio * x - lin * m0
     if m_new is None:                                   # predictor UniP
         if order == 1:
             return x_t
-        rhos = [0.5] if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-        return x_t - (a_t * B_h) * sum(r * d for r, d in zip(rhos, D1s))
-    rhos = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()   # corrector UniC
-    res = sum((r * d for r, d in zip(rhos[:-1], D1s)), torch.zeros_like(x)) + rhos[-1] * (m_new - m0)
-    return x_t - (a_t * B_h) * res
+        return x_t - scale * sum(r * d for r, d in zip(pred, D1s))
+    res = sum((r * d for r, d in zip(corr[:-1], D1s)), torch.zeros_like(x)) + corr[-1] * (m_new - m0)   # corrector UniC
+    return x_t - scale * res
 
 
 def _check(order, variant, lower_order_final):
@@ -68,15 +78,14 @@ def unipc_sample(dyn, x, t, rng=None, order: int = 2, variant: str = "bh2", lowe
     _check(order, variant, lower_order_final)
     g = _Grid(dyn.schedule, t)
     n = len(t)
+    ks = [min(order, i + 1, 2 if lower_order_final and i == n - 2 else order) for i in range(n - 1)]
+    coefs = [unipc_coefficients(g, i, k, variant, corrector=i < n - 2) for i, k in enumerate(ks)]
     hist = [dyn.x0(x, t[0])]
-    for i in range(n - 1):
-        k = min(order, i + 1)
-        if lower_order_final and i == n - 2:
-            k = min(k, 2)
-        x_pred = unipc_update(g, x, i, hist, k, variant)
+    for i, (k, coef) in enumerate(zip(ks, coefs)):
+        x_pred = unipc_update(g, x, i, hist, k, variant, coef=coef)
         m_new = dyn.x0(x_pred, t[i + 1])
         if i < n - 2:                                   # no corrector after the last step
-            x_pred = unipc_update(g, x, i, hist, k, variant, m_new=m_new)
+            x_pred = unipc_update(g, x, i, hist, k, variant, m_new=m_new, coef=coef)
         x = x_pred
         hist = [m_new] + hist[:order - 1]
     return hist[0]

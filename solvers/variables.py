@@ -8,6 +8,8 @@ of them; they differ in how well a polynomial step fits it.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from bench.models.dynamics import _bc
@@ -34,15 +36,35 @@ class ODEVariable:
     def to_x(self, y, t):
         return y * _bc(self.sch.alpha(t), y) if self.name == "sigma_hat" else y
 
-    def deriv(self, s, y):
-        """(dy/ds, eps) at variable value s; one network evaluation."""
-        s = torch.as_tensor(s, dtype=torch.float64)
+    def points(self, s) -> list[GridPoint]:
+        """What deriv needs at each variable value in s (t, alpha(t), d lambda/dt), evaluated in one call, so a
+        solver computes it once per grid (issue 17) and its step loop does tensor arithmetic only."""
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
         t = self.t_of_s(s)
-        x = self.to_x(y, t)
+        alpha = self.sch.alpha(t) if self.name == "sigma_hat" else [None] * len(t)
+        dlam = self.sch.d_lambda(t) if self.name == "lambda" else [None] * len(t)
+        return [GridPoint(*p) for p in zip(s, t, alpha, dlam)]
+
+    def deriv(self, s, y):
+        """(dy/ds, eps) at variable value s (a number, or a GridPoint from `points`); one network evaluation."""
+        if isinstance(s, GridPoint):
+            t, alpha, dlam = s.t, s.alpha, s.dlam
+        else:                                   # a single value: evaluated here
+            t = self.t_of_s(torch.as_tensor(s, dtype=torch.float64))
+            alpha = self.sch.alpha(t) if self.name == "sigma_hat" else None
+            dlam = None
+        x = y * _bc(alpha, y) if self.name == "sigma_hat" else y              # to_x(y, t)
         eps = self.dyn.eps(x, t)
         if self.name == "sigma_hat":
             return eps, eps
         dxdt = self.dyn.ode_rhs(t, x, eps=eps)
         if self.name == "t":
             return dxdt, eps
-        return dxdt / _bc(self.sch.d_lambda(t), x), eps
+        return dxdt / _bc(self.sch.d_lambda(t) if dlam is None else dlam, x), eps
+
+
+class GridPoint(NamedTuple):
+    s: torch.Tensor              # the variable's value
+    t: torch.Tensor              # the time it maps to
+    alpha: torch.Tensor | None   # alpha(t) (variable sigma_hat: x = alpha x_hat)
+    dlam: torch.Tensor | None    # d lambda / dt (variable lambda)

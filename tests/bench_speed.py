@@ -1,7 +1,9 @@
 """Speed tracking (pytest-benchmark).  Not collected by the default test run (not a test_*.py file); run with
     pytest tests/bench_speed.py --benchmark-enable     (add --benchmark-autosave / --benchmark-compare to track)
 The default model is the exact gmm.  test_per_step_overhead times 10 steps with a free network (eps = 0):
-the solver's own work; divide by 10 for one step."""
+the solver's own work; divide by 10 for one step.  test_own_cost_per_nfe does the same for every solver of
+`python -m bench overhead` at NFE 18 and batch 16 on the digits model's shape and records the cost per NFE in
+extra_info; test_rng_draw times one per-sample draw against one torch.randn of the same batch (issue 17)."""
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from bench.solvers.rng import PerSampleRNG
 from bench.solvers.timesteps import make_timesteps
 
 SOLVERS = ["euler", "heun", "rk4"]
+OVERHEAD_SOLVERS = ["euler", "heun", "rk4", "ab", "unipc", "dpm_solver", "dpm_solver_pp", "deis", "ipndm_v",
+                    "ancestral", "euler_maruyama", "edm_stochastic", "pc", "dpm_solver_pp_sde", "sa_solver"]
 BATCH = 256
 
 
@@ -61,3 +65,25 @@ def test_network_forward(benchmark, setup):
     model, _, x_T = setup
     t = torch.full((BATCH,), 0.5)
     benchmark(lambda: model.net(x_T, t))
+
+
+@pytest.mark.parametrize("solver", OVERHEAD_SOLVERS)
+def test_own_cost_per_nfe(benchmark, solver):
+    """A solver's own cost per NFE (issue 17 targets on 2 CPU cores: <= 20 us deterministic, <= 40 us stochastic)."""
+    from bench.overhead import NullNet, _case, compose, time_once
+
+    torch.set_num_threads(1)
+    case = _case(compose(solver, 18, 16, ["model=digits"]), "null", torch.device("cpu"), torch.float32)
+    r = benchmark(lambda: time_once(case, torch.device("cpu")))
+    benchmark.extra_info.update(nfe=r["nfe"], own_us_per_nfe=benchmark.stats.stats.median / r["nfe"] * 1e6)
+    assert isinstance(case[5], NullNet)
+
+
+@pytest.mark.parametrize("batch", [16, 1024])
+@pytest.mark.parametrize("how", ["per_sample", "torch_randn"])
+def test_rng_draw(benchmark, batch, how):
+    """One (batch, 1, 8, 8) draw: per-sample streams (PerSampleRNG) against one torch.randn of the batch."""
+    torch.set_num_threads(1)
+    rng = PerSampleRNG(0, range(batch))
+    draw = (lambda: rng.randn((1, 8, 8))) if how == "per_sample" else (lambda: torch.randn(batch, 1, 8, 8))
+    assert benchmark(draw).shape == (batch, 1, 8, 8)

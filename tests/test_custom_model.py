@@ -1,4 +1,6 @@
 """model=custom: a user's eps-network by import path, with its time-input convention from YAML."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -93,3 +95,107 @@ def test_shipped_mlp_as_custom_equals_toy2d():
     assert torch.allclose(custom.net(x, t), toy.net(x, t), atol=1e-6)
     assert not torch.allclose(toy.net(x, t), torch.zeros(8, 2), atol=1e-3)
     assert custom.schedule.t_min == toy.schedule.t_min and custom.schedule.T == toy.schedule.T
+
+
+# --- the commented examples of conf/model/custom.yaml, run as written (issue 10, item 5) ----------------------
+MY_PKG_NETS = '''
+import torch
+from torch import nn
+
+
+class StepNet(nn.Module):
+    """A user's eps-network fed the DDPM step index: eps = tanh(a x + b n / 200)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.tensor(0.0)), nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, step):
+        return torch.tanh(self.a * x + self.b * step.reshape(-1, 1, 1, 1).to(x.dtype) / 200)
+
+
+def make_net():
+    return StepNet()
+'''
+# Overrides appended to each example: fewer samples, a cheap NLL solve and this test's results_dir; they shrink the
+# work and change nothing the example declares.
+QUICK = ["n_samples=16", "nfe=6", "progress=false", "metric_cfg.nll.solver=heun", "metric_cfg.nll.nfe=20",
+         "metric_cfg.nll.n_points=8", "save_samples=0"]
+
+
+def yaml_example_commands(path):
+    """The commands in a YAML's leading comment: lines '#   python ...', continued by a trailing backslash."""
+    import shlex
+
+    cmds, cur = [], None
+    for line in open(path):
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if cur is None and not (line.startswith("#   python ") and body.startswith("python ")):
+            continue
+        cur = body.rstrip("\\").strip() if cur is None else cur + " " + body.rstrip("\\").strip()
+        if not body.endswith("\\"):
+            cmds.append(shlex.split(cur))
+            cur = None
+    return cmds
+
+
+def _row(results_dir, model):
+    from bench import store
+
+    df = store.load_runs(results_dir)
+    df = df[df["model"] == model]
+    assert len(df) == 1 and df.iloc[0]["status"] == "ok", df
+    return df.iloc[0]
+
+
+@pytest.mark.slow
+def test_every_example_in_custom_yaml_runs_as_written(tmp_path, monkeypatch):
+    """Parses the commands out of conf/model/custom.yaml's comment and runs each from a user's directory (with
+    the user's package my_pkg the first example names); each custom row then equals its built-in twin."""
+    import subprocess
+    import sys
+
+    from bench import PACKAGE_ROOT
+    from test_faults import run_cli
+
+    cmds = yaml_example_commands(PACKAGE_ROOT / "conf" / "model" / "custom.yaml")
+    bench_runs = [c[3:] for c in cmds if c[:4] == ["python", "-m", "bench", "run"]]
+    assert len(bench_runs) == 3 and len(cmds) == 4          # three runs and the line that writes digits.npz
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "nets.py").write_text(MY_PKG_NETS)
+    torch.save({"a": torch.tensor(0.7), "b": torch.tensor(-0.4)}, tmp_path / "net.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        for c in cmds:
+            if c[:2] == ["python", "-c"]:
+                subprocess.run([sys.executable, *c[1:]], check=True, cwd=tmp_path)
+        assert (tmp_path / "digits.npz").is_file()
+        for i, args in enumerate(bench_runs):
+            res = tmp_path / f"res{i}"
+            rc, out, err = run_cli(*args, *QUICK, f"results_dir={res}")
+            assert rc == 0, (args, out, err)
+            row = _row(res, "custom")
+            twin = {1: "toy2d", 2: "digits"}.get(i)
+            if twin is None:        # the user's checkpoint: its weights and step input reached the network
+                import json
+
+                m = load_model(json.loads(row["config"])["model"] if isinstance(row["config"], str) else row["config"]["model"])
+                x, n = torch.randn(3, 1, 28, 28), torch.tensor([0.0, 99.0, 199.0])
+                want = torch.tanh(0.7 * x + (-0.4) * n.reshape(-1, 1, 1, 1) / 200)
+                assert torch.allclose(m.net(x, (n + 1) / 200), want, atol=1e-6)
+                assert math.isfinite(row["trunc_rms"])
+                continue
+            metrics = [a for a in args if a.startswith("metrics=")]
+            rc, out, err = run_cli("run", f"model={twin}", *metrics, *QUICK, f"results_dir={res}")
+            assert rc == 0, (twin, out, err)
+            ref = _row(res, twin)
+            cols = {0: [], 1: ["trunc_rms"], 2: ["fid", "fid_real_test", "nll_bpd", "nll_bpd_se"]}[i]
+            for col in cols:
+                assert row[col] == pytest.approx(ref[col], rel=1e-9), (twin, col, row[col], ref[col])
+    finally:
+        for k in [k for k in sys.modules if k == "my_pkg" or k.startswith("my_pkg.")]:
+            del sys.modules[k]

@@ -17,7 +17,7 @@ from bench.models.errors import ConfigError  # noqa: E402
 from bench.models.registry import load_model  # noqa: E402
 from bench.solvers import diffusers_sched as ds  # noqa: E402
 from bench.solvers.registry import get_solver, solver_from_cfg  # noqa: E402
-from bench.solvers.rng import PerSampleRNG  # noqa: E402
+from bench.solvers.rng import PerSampleRNG, TorchGeneratorRNG  # noqa: E402
 
 # diffusers' schedulers call numpy on torch tensors (numpy 2 deprecation warnings, thousands per KDPM2 run)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -29,7 +29,9 @@ CAST32 = 5e-6        # DPMSolverMultistep / Euler cast the state to float32 insi
 @pytest.fixture(scope="module")
 def disc():
     m = load_model({"name": "gmm", "schedule": {"name": "vp_discrete"}})
-    x_T = PerSampleRNG(0, range(64), dtype=torch.float64).randn(m.shape) * m.schedule.prior_std()
+    # x_T from the per-sample torch generators: the float32-cast tolerances below were measured on this draw (with the
+    # counter-based stream's seed 0 the Euler cast difference is 1.0e-5 rather than 1.1e-6: they scale with x_T)
+    x_T = TorchGeneratorRNG(0, range(64), dtype=torch.float64).randn(m.shape) * m.schedule.prior_std()
     return m, x_T
 
 

@@ -70,11 +70,3 @@ def test_directory_without_unet_or_scheduler(tmp_path):
         load_hf_ddpm({"name": "hf_ddpm", "path": str(tmp_path)})
 
 
-@pytest.mark.slow
-def test_v_prediction_is_refused(tmp_path):
-    root, _, sched = _tiny(tmp_path, "flat")
-    cfg = json.loads((root / "scheduler_config.json").read_text())
-    cfg["prediction_type"] = "v_prediction"
-    (root / "scheduler_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="prediction_type 'v_prediction'.*only 'epsilon'"):
-        load_hf_ddpm({"name": "hf_ddpm", "path": str(root)})

@@ -33,7 +33,8 @@ def count_rows(results_dir):
 
 @pytest.mark.parametrize("override", ["seed=1", "n_samples=17", "nfe=17", "solver=euler", "solver.variable=t",
                                       "model.dim=3", "timesteps=logsnr", "metric_cfg.trunc.rtol=1e-6",
-                                      "metrics=[]", "dtype=float64"])
+                                      "metrics=[]", "dtype=float64", "model.parametrization=x0",
+                                      "model.conditional=true", "model.schedule.name=sub_vp"])
 def test_key_covers_what_determines_the_numbers(tmp_path, override):
     base = brun.cell_key(brun.cell_identity(cfg_for(tmp_path)))
     assert brun.cell_key(brun.cell_identity(cfg_for(tmp_path, override))) != base
@@ -44,6 +45,20 @@ def test_key_covers_what_determines_the_numbers(tmp_path, override):
 def test_key_ignores_what_does_not(tmp_path, override):
     base = brun.cell_key(brun.cell_identity(cfg_for(tmp_path)))
     assert brun.cell_key(brun.cell_identity(cfg_for(tmp_path, override))) == base
+
+
+def test_keys_added_later_at_their_neutral_value_keep_the_cell_id(tmp_path):
+    """A cell recorded before `parametrization`, `conditional` (gmm) or the explicit grid's `file`/`source` existed
+    keeps its id, so `bench compare` still matches old stores and baselines."""
+    cfg = cfg_for(tmp_path)
+    old = json.loads(json.dumps(cfg))
+    for k in ("parametrization", "conditional"):
+        old["model"].pop(k)
+    assert brun.cell_id(brun.cell_identity(old)) == brun.cell_id(brun.cell_identity(cfg))
+    cfg = cfg_for(tmp_path, "timesteps=explicit", "timesteps.t=[1.0,0.5,0.001]", "nfe=3", "solver=euler")
+    old = json.loads(json.dumps(cfg))
+    old["timesteps"].pop("file"), old["timesteps"].pop("source")
+    assert brun.cell_id(brun.cell_identity(old)) == brun.cell_id(brun.cell_identity(cfg))
 
 
 def test_cell_id_drops_only_the_code_version(tmp_path, monkeypatch):

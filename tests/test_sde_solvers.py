@@ -21,7 +21,7 @@ from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
 from bench.models.registry import load_model
 from bench.solvers.registry import get_solver
-from bench.solvers.rng import PerSampleRNG
+from bench.solvers.rng import PerSampleRNG, TorchGeneratorRNG
 from bench.solvers.timesteps import make_timesteps
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "solver"
@@ -228,9 +228,9 @@ def test_sa_solver_is_diffusers_sasolver(disc, p, c, tau):
     <= 3.5e-12)."""
     m, x_T = disc
     cfg = {"predictor_order": p, "corrector_order": c, "tau_func": (lambda _t: tau), "lower_order_final": False}
-    t, b = _diffusers(m, x_T, 8, "SASolverScheduler", cfg, PerSampleRNG(4, range(len(x_T)), dtype=torch.float64))
+    t, b = _diffusers(m, x_T, 8, "SASolverScheduler", cfg, TorchGeneratorRNG(4, range(len(x_T)), dtype=torch.float64))
     t = torch.cat([t, torch.tensor([1.0 / m.schedule.N], dtype=torch.float64)])
-    a, _ = run(m, "sa_solver", t, x_T, PerSampleRNG(4, range(len(x_T)), dtype=torch.float64), predictor_order=p,
+    a, _ = run(m, "sa_solver", t, x_T, TorchGeneratorRNG(4, range(len(x_T)), dtype=torch.float64), predictor_order=p,
                corrector_order=c, tau=tau, **ALL_SIGMA)
     b0 = Dynamics(m.net, m.schedule).x0(b, t[-1])
     assert float((a - b0).abs().max()) <= 1e-10

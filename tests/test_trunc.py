@@ -149,7 +149,7 @@ def euler_maruyama(dyn, x, t, rng, **_):
     return dyn.x0(x, t[-1])
 
 
-def _strong_errors(model, fn, steps_list, n=64):
+def _strong_errors(model, fn, steps_list, n=256):
     x_T = PerSampleRNG(0, range(n)).randn(model.shape, dtype=torch.float64) * model.schedule.prior_std()
     return [strong_error(fn, model, x_T, make_timesteps("uniform_t", model.schedule, s), 0, range(n), 4)[0]
             for s in steps_list]

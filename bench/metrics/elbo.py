@@ -197,6 +197,9 @@ def elbo_terms(eps_fn, ch: Chain, x0, seed, indices, variance="posterior", prior
 
 @register_metric("elbo")
 class ELBO(Metric):
+    # checked by bench.guidance before any work: a conditional model's likelihood would need each point's label
+    unconditional_only = ("it scores real data points, which carry no requested label, and a guided "
+                          "sampler has no likelihood; run it on an unconditional model")
     columns = (
         quality("elbo_bpd", "ELBO bound on the NLL (bits/dim)", "bits/dim", "elbo_bpd_se", "absolute", "nll",
                 nfe_dependent="solver", se_how="over the points, one draw of x_t per term", what=ELBO_WHAT),

@@ -62,6 +62,7 @@ class _Features(nn.Module):
 def _module_hash(fn) -> str:
     if isinstance(fn, nn.Module):
         h = hashlib.sha256()
+        h.update(fn.extra_repr().encode())     # what the weights do not say (a user feature net's factory and method)
         for k, v in sorted(fn.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().to("cpu", torch.float64).numpy().tobytes())
@@ -131,7 +132,8 @@ class FID(Metric):
         if model.feature_net is not None:
             return "feature_net"
         if model.real_data is None:
-            raise ConfigError(f"fid: model '{model.name}' has neither exact data moments nor real data")
+            raise ConfigError(f"fid: model '{model.name}' has neither exact data moments nor real data; a custom or "
+                              f"hf_ddpm model names its data with model.real_data.path (conf/model/custom.yaml)")
         if len(model.shape) == 3 and model.shape[0] in (1, 3):
             return "inception"
         return "identity"
@@ -140,7 +142,7 @@ class FID(Metric):
         """(nn.Module for torchmetrics or an int feature size, extractor id)."""
         kind = self._kind(model)
         if kind == "feature_net":
-            probe = model.real_data(self.knobs["real_split"])[:2]
+            probe = torch.zeros(2, *model.shape)     # the feature count only: no read of the real data
             with torch.no_grad():
                 nf = int(model.feature_net(probe).flatten(1).shape[1])
             return _Features(model.feature_net, nf), f"feature_net:{model.name}:{_module_hash(model.feature_net)}"
@@ -159,7 +161,9 @@ class FID(Metric):
                 return FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
                                                 feature_extractor_weights_path=self.knobs["inception_weights"])
             except ModuleNotFoundError as e:
-                raise ConfigError(f"fid: Inception features need torch-fidelity ({e})") from None
+                raise ConfigError(f"fid: Inception features need torch-fidelity ({e}): pip install -e '.[inception]', "
+                                  "with metric_cfg.fid.inception_weights=<local weights file> to stay offline; or give "
+                                  "the model its own feature network (model.feature_net)") from None
             except Exception as e:  # no network and no local file: say how to run offline
                 raise ConfigError(f"fid: could not load Inception-v3 weights ({type(e).__name__}: {e}); "
                                   "set metric_cfg.fid.inception_weights to a local weights file") from None
@@ -173,6 +177,12 @@ class FID(Metric):
         x = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
+    def _cell_extractor(self, ctx):
+        """The extractor, built once per cell and kept in ctx.cache (setdefault would build it on every call)."""
+        if "fid_extractor" not in ctx.cache:
+            ctx.cache["fid_extractor"] = self._extractor(ctx.model)
+        return ctx.cache["fid_extractor"]
+
     def _ref_key(self, ctx, ext_id):
         m = ctx.model
         return {"dataset": m.dataset_id or m.name, "extractor": ext_id, "split": self.knobs["real_split"],
@@ -184,7 +194,7 @@ class FID(Metric):
         if kind == "exact_moments":
             return {"metric": "fid", "features": "identity", "reference": "exact_data_moments", "n_samples": n,
                     "estimator": "unbiased_cov", "exact_samples_stream": EXACT_SAMPLES_STREAM}
-        _, ext_id = ctx.cache.setdefault("fid_extractor", self._extractor(ctx.model))
+        _, ext_id = self._cell_extractor(ctx)
         key = self._ref_key(ctx, ext_id)
         return {"metric": "fid", "features": ext_id, "reference": f"real_data:{key['split']}", "n_samples": n,
                 "n_ref": self.knobs["n_ref"], "ref_stats_id": key_hash(key), "estimator": "torchmetrics_fid"}
@@ -194,7 +204,7 @@ class FID(Metric):
         kind = self._kind(ctx.model)
         if kind == "exact_moments":
             return self._exact(ctx)
-        feature, ext_id = ctx.cache.setdefault("fid_extractor", self._extractor(ctx.model))
+        feature, ext_id = self._cell_extractor(ctx)
         fid = self._fid_module(ctx.model, feature)
         bs = self.knobs["batch_size"]
 

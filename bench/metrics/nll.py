@@ -189,7 +189,8 @@ def data_points(model, n: int, seed: int, metric: str = "nll"):
         g = torch.Generator().manual_seed(sample_seed(seed, POINTS_STREAM))
         return model.data.sample(n, generator=g), "exact_data_samples"
     if model.real_data is None:
-        raise ConfigError(f"{metric}: model '{model.name}' has no data to evaluate the likelihood on")
+        raise ConfigError(f"{metric}: model '{model.name}' has no data to evaluate the likelihood on (a custom or "
+                          f"hf_ddpm model names its data with model.real_data.path)")
     return model.real_data("test")[:n], "real_test"
 
 
@@ -204,7 +205,8 @@ def discrete_points(model, metric: str) -> bool:
     any work, that the model has points at all."""
     kind = points_kind(model)
     if kind == "real_test" and model.real_data is None:
-        raise ConfigError(f"{metric}: model '{model.name}' has no data to evaluate the likelihood on")
+        raise ConfigError(f"{metric}: model '{model.name}' has no data to evaluate the likelihood on (a custom or "
+                          f"hf_ddpm model names its data with model.real_data.path)")
     return kind == "real_test" and dequantized(model)
 
 
@@ -232,6 +234,9 @@ def describe_nll(p: dict, levels_: int | None) -> str:
 
 @register_metric("nll")
 class NLL(Metric):
+    # checked by bench.guidance before any work: a conditional model's likelihood would need each point's label
+    unconditional_only = ("it scores real data points, which carry no requested label, and a guided "
+                          "sampler has no likelihood; run it on an unconditional model")
     columns = (
         quality("nll_bpd", "NLL (bits/dim)", "bits/dim", "nll_bpd_se", "absolute", "nll", nfe_dependent="solver",
                 se_how="over the points", what=NLL_WHAT),

@@ -123,6 +123,9 @@ def sde_bound_terms(score_fn, schedule, x, seed, indices, n_t, t_sampling="impor
 
 @register_metric("sde_bound")
 class SDEBound(Metric):
+    # checked by bench.guidance before any work: a conditional model's likelihood would need each point's label
+    unconditional_only = ("it scores real data points, which carry no requested label, and a guided "
+                          "sampler has no likelihood; run it on an unconditional model")
     columns = (
         quality("sde_bound_bpd", "reverse-SDE bound on the NLL (bits/dim)", "bits/dim", "sde_bound_bpd_se",
                 "absolute", "nll", nfe_dependent="solver",

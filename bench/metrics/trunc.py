@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from bench import guidance
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint, tensor_hash
 from bench.models.dynamics import Dynamics
@@ -164,7 +165,8 @@ class TruncationError(Metric):
         return {"model": ctx.cfg.get("model"), "weights": model_fingerprint(ctx.model), "seed": ctx.cfg.get("seed"),
                 "indices": [0, n],
                 "t": [float(v) for v in t_part], "rtol": rtol, "atol": atol, "method": k["method"],
-                "x_T": tensor_hash(ctx.x_T[:n])}
+                "x_T": tensor_hash(ctx.x_T[:n]),
+                **({"guidance": c.key()} if (c := guidance.of_context(ctx)) is not None else {})}
 
     def _reference(self, ctx, n, rtol, atol):
         """float64 reference x_0 of the first n samples at tolerances (rtol, atol), cached on disk."""
@@ -173,8 +175,9 @@ class TruncationError(Metric):
         def solve():
             refs, nfe = [], 0
             for i in range(0, n, ctx.batch_size):
+                net = guidance.model_of(ctx, range(i, min(i + ctx.batch_size, n))).net   # the samples' labels
                 with torch.inference_mode():
-                    r, used = reference_solve(m.net, m.schedule, ctx.x_T[i:min(i + ctx.batch_size, n)],
+                    r, used = reference_solve(net, m.schedule, ctx.x_T[i:min(i + ctx.batch_size, n)],
                                               ctx.t[0], ctx.t[-1], rtol, atol, k["method"])
                 refs.append(r.cpu())
                 nfe = max(nfe, used)
@@ -219,10 +222,11 @@ class TruncationError(Metric):
         return out
 
     def _profile(self, ctx, rtol, atol):
-        m, k, spec = ctx.model, self.knobs, ctx.spec
+        k, spec = self.knobs, ctx.spec
         if spec.min_steps > 2:
             return f"n/a: solver '{spec.name}' needs at least {spec.min_steps} grid points per call"
         n = self._n(ctx, "profile_samples")
+        m = guidance.model_of(ctx, range(n))
 
         def solve():
             with torch.inference_mode():
@@ -238,6 +242,6 @@ class TruncationError(Metric):
             return {"trunc_rms": None, "trunc_note": f"n/a: stochastic solver '{spec.name}' does not draw its noise "
                     "through rng.increment (spec.brownian is false), so no same-path reference is defined"}
         n = self._n(ctx)
-        err, nfe, se = strong_error(spec.fn, ctx.model, ctx.x_T[:n], ctx.t, ctx.cfg.get("seed", 0), range(n),
+        err, nfe, se = strong_error(spec.fn, guidance.model_of(ctx, range(n)), ctx.x_T[:n], ctx.t, ctx.cfg.get("seed", 0), range(n),
                                     self.knobs["refine"], ctx.knobs, ctx.dtype)
         return {"trunc_strong_rms": err, "trunc_strong_rms_se": se, "trunc_ref_nfe": nfe}   # strong error: its own column, not the ODE error
