@@ -170,6 +170,12 @@ def _time_map(schedule, num_train_timesteps) -> tuple[int, float]:
     if not getattr(schedule, "is_vp", False):
         raise ConfigError(f"{NAME} runs only on variance-preserving schedules (diffusers' betas define one); the "
                           f"model's schedule is '{getattr(schedule, 'name', type(schedule).__name__)}'.")
+    if getattr(schedule, "zero_terminal_snr", False):
+        raise ConfigError(f"{NAME}: the model's schedule has zero terminal SNR (alpha = 0 at its last discrete step, "
+                          f"Lin et al. 2024), which our interpolated schedule leaves out (sampling starts one step "
+                          f"earlier); a diffusers scheduler is handed alphas_cumprod at every step and would get a "
+                          f"wrong last value. Use our solvers (e.g. solver=euler, dpm_solver_pp or unipc) with "
+                          f"timesteps=trailing instead.")
     if hasattr(schedule, "N") and hasattr(schedule, "log_alpha_n"):      # vp_discrete: its own nodes t_n = (n+1)/N
         return int(schedule.N), 1.0 / schedule.N
     return num_train_timesteps, float(schedule.T) / num_train_timesteps

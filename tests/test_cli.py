@@ -45,8 +45,8 @@ _SLOW = pytest.mark.slow        # one subprocess each (~3 s); the same errors ar
 
 @pytest.mark.parametrize("args,needle", [
     (["solver=nope"], "Valid solver names are: ab, ancestral, "),
-    pytest.param(["model=nope"], "Valid model names are: custom, digits, gmm, hf_ddpm, toy2d", marks=_SLOW),
-    pytest.param(["timesteps=nope"], "Valid time-step schedule names are: auto, edm", marks=_SLOW),
+    pytest.param(["model=nope"], "Valid model names are: custom, digits, digits_cond, gmm, hf_ddpm, toy2d", marks=_SLOW),
+    pytest.param(["timesteps=nope"], "Valid time-step schedule names are: auto, beta, edm", marks=_SLOW),
     pytest.param(["solver=heun", "nfe=2"], "cannot meet an NFE budget of 2", marks=_SLOW),
     pytest.param(["metrics=[nope]"], "Valid metric names are: ", marks=_SLOW),
     pytest.param(["solver.variable=nope"], "Valid variables are: sigma_hat, t, lambda", marks=_SLOW),

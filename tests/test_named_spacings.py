@@ -268,3 +268,13 @@ def test_zero_terminal_snr_bad_values():
     with pytest.raises(ConfigError, match="at least 3 steps"):
         make_schedule("vp_discrete", betas=[0.1, 0.2], zero_terminal_snr=True)
     assert math.isfinite(float(make_schedule("vp_discrete", betas="cosine", zero_terminal_snr=True).lambda_(0.999)))
+
+
+def test_diffusers_solver_refuses_a_zero_terminal_snr_schedule():
+    """solver=diffusers would hand the scheduler an extrapolated alpha at the dropped last step: refused instead."""
+    from bench.solvers.diffusers_sched import _time_map
+
+    sch = make_schedule("vp_discrete", betas="linear", num_steps=100, zero_terminal_snr=True)
+    with pytest.raises(ConfigError, match="zero terminal SNR"):
+        _time_map(sch, 1000)
+    assert _time_map(make_schedule("vp_discrete", betas="linear", num_steps=100), 1000) == (100, 0.01)
