@@ -108,10 +108,12 @@ class SampleResult:
 
 def sample(model="digits", solver: str | dict = "heun", nfe: int = 18, n_samples: int = 16, seed: int = 0,
            timesteps: str | dict = "auto", dtype: str = "float32", device: str = "cpu", batch_size: int | None = None,
-           searchpath=(), guidance_scale: float | None = None, labels=None, **knobs) -> SampleResult:
+           searchpath=(), guidance_scale: float | None = None, labels=None, classifier_scale: float | None = None,
+           classifier: str | None = None, **knobs) -> SampleResult:
     """Sample `n_samples` with `solver` (its YAML defaults, overridden by `knobs`) within an NFE budget; sample i
     starts from the noise of generator (seed, i), as in a run.  The NFE is counted, never inferred.  Conditional
-    models take `guidance_scale` and `labels` as a run does (null: plain conditional, labels i mod n_classes)."""
+    models take `guidance_scale` and `labels` as a run does (null: plain conditional, labels i mod n_classes);
+    any model with a classifier takes `classifier_scale` (and `classifier`, an import path) for classifier guidance."""
     from bench.models.registry import LoadedModel
     from bench.run import DTYPES, generate, plan, resolve_device
 
@@ -122,7 +124,8 @@ def sample(model="digits", solver: str | dict = "heun", nfe: int = 18, n_samples
         model = model.cfg
     cfg = config(searchpath=searchpath, model=model, solver=solver_node, timesteps=timesteps, nfe=nfe,
                  n_samples=n_samples, seed=seed, dtype=dtype, device=device, batch_size=batch_size or n_samples,
-                 metrics=[], progress=False, guidance_scale=guidance_scale, labels=labels)
+                 metrics=[], progress=False, guidance_scale=guidance_scale, labels=labels,
+                 classifier_scale=classifier_scale, classifier=classifier)
     if isinstance(model, dict):
         cfg["model"] = dict(model)          # a full config replaces the YAML's, as in load_model
     spec, knobs_, _, steps, ts_name, ts_cfg, loaded, t = plan(cfg)

@@ -66,6 +66,7 @@ OPTIONAL_FIELDS = ("solver_source", "guidance")   # only in the identity of cell
 MODEL_NEUTRAL = {"parametrization": ("eps", None), "conditional": (False, None),
                  "real_data": lambda v: not (v or {}).get("path"),
                  "feature_net": lambda v: not any((v or {}).values()),
+                 "guidance_classifier": lambda v: True,   # in the guidance identity, when a run uses it
                  "schedule": {"zero_terminal_snr": (False, None)}}
 TIMESTEPS_NEUTRAL = {"file": (None,), "source": (None,)}
 
@@ -210,6 +211,8 @@ def generate(model, spec, knobs, t, n_samples, batch_size, seed, device, dtype, 
         setup_s, sampling_s = setup_s + t1 - t0, sampling_s + time.perf_counter() - t1
         if cond is not None:
             cond.forwards.append(eps.forwards)
+            if cond.classifier is not None:
+                cond.classifier_evals.append(eps.classifier_evals)
         xs_T.append(x_T)
         xs.append(x0)
         nfes.append(dyn.nfe)
@@ -393,7 +396,10 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     spec, knobs, metrics, steps, ts_name, ts_cfg, model, t = plan(cfg)
     cond = guidance.conditioning(cfg, model)     # guidance / labels / metrics checked before any work
     if cond is not None:
-        head["guidance_scale"] = cond.guidance_scale
+        if cond.conditional:
+            head["guidance_scale"] = cond.guidance_scale
+        if cond.classifier is not None:
+            head.update(classifier_scale=cond.classifier_scale, classifier=cond.classifier.name)
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
     model = compile_model(model, cfg.get("compile", False))
     config = {**cfg, "timesteps": {"name": ts_name, **ts_cfg}}
@@ -426,6 +432,9 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         row.update(nfe=nfe, sampling_time_s=sampling_time)
         if cond is not None:   # network forwards per sample: 2 per guided NFE (cond + uncond in one call)
             row["nfe_forwards"] = max(cond.forwards) if cond.forwards else nfe * cond.forwards_per_eval
+            if cond.classifier is not None:   # counted by ClassifierGuided (sharded runs: nfe x evals per NFE)
+                row["classifier_evals"] = (max(cond.classifier_evals) if cond.classifier_evals
+                                           else nfe * cond.classifier_evals_per_eval)
         bad = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
         if bool(bad.any()):
             first = [int(i) for i in torch.nonzero(bad).flatten()[: cfg["batch_size"]]]
@@ -501,5 +510,9 @@ def format_summary(row: dict) -> str:
     if row.get("guidance_scale") is not None:
         lines.insert(4, ("guidance scale / forwards", f"{row['guidance_scale']:g} / {row.get('nfe_forwards')} "
                                                       f"network forwards per sample"))
+    if row.get("classifier_scale") is not None:
+        lines.insert(5, ("classifier guidance", f"s = {row['classifier_scale']:g} with {row.get('classifier')}, "
+                                                f"{row.get('classifier_evals')} classifier evaluations per sample "
+                                                f"(not in NFE)"))
     w = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in lines)

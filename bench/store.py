@@ -47,6 +47,9 @@ COLUMNS = {
     "guidance_scale": "REAL",    # conditional models: classifier-free guidance scale s (1 = plain conditional)
     "nfe_forwards": "INTEGER",   # conditional models: network forwards per sample (2 x nfe when s is not 0 or 1)
     "setup_time_s": "REAL",      # seconds building the per-sample generators and x_T, outside sampling_time_s
+    "classifier_scale": "REAL",  # classifier guidance scale s (score + s grad log p_t(y | x)); null = none
+    "classifier": "TEXT",        # the guiding log-potential: exact_posterior, a shipped classifier, or an import path
+    "classifier_evals": "INTEGER",  # classifier evaluations (forward + input gradient) per sample, not in nfe
 }
 JSON_COLUMNS = ("solver_knobs", "metrics", "protocols", "config", "sample_shape", "nfe_batches")
 

@@ -186,3 +186,48 @@ class Guided:
         both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.cond, self.null_cond]).to(x.device))
         eps_c, eps_u = both[:n], both[n:]
         return eps_u + self.scale * (eps_c - eps_u)
+
+
+class ClassifierGuided:
+    """Classifier guidance (Song et al. 2021, sec. 5 and app. I; Dhariwal & Nichol 2021, eq. 14 with scale s):
+    score(x | y) = score(x) + s grad_x log p_t(y | x), i.e. eps = eps(x, t) - s sigma(t) grad_x log p_t(y | x),
+    itself an eps-callable (x, t).  `log_potential` is any differentiable lp(x, t, y) -> (B,)
+    (bench.models.classifier: a noise-aware classifier's log p_t(y | x), the exact GMM posterior, or a user's
+    energy -E(x)).  Each call evaluates the network once (the NFE Dynamics counts) and, unless s = 0, the
+    log-potential and its input gradient once (`classifier_evals`, its own column); `forwards` is the wrapped
+    network's forward count (classifier-free guidance's 2 per NFE when the net is itself Guided)."""
+
+    def __init__(self, net, log_potential, labels, scale: float, schedule):
+        self.net, self.lp, self.labels, self.scale, self.schedule = net, log_potential, labels, float(scale), schedule
+        self.classifier_evals, self._calls = 0, 0
+
+    @property
+    def forwards(self) -> int:
+        return self.net.forwards if hasattr(self.net, "forwards") else self._calls
+
+    def to(self, *args, **kwargs):
+        if hasattr(self.net, "to"):
+            self.net = self.net.to(*args, **kwargs)
+        return self
+
+    def grad_log_potential(self, x, t):
+        """grad_x lp(x, t, y), summed over the batch (rows are independent), outside inference mode."""
+        y = self.labels
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise ValueError(f"ClassifierGuided: a batch of {x.shape[0]} samples but {y.shape[0]} labels")
+        with torch.inference_mode(False), torch.enable_grad():   # clones: inference tensors cannot enter autograd
+            y = None if y is None else y.to(x.device).clone()
+            xg = x.detach().clone().requires_grad_(True)
+            lp = self.lp(xg, t.detach().clone(), y)
+            (g,) = torch.autograd.grad(lp.sum(), xg)
+        return g
+
+    def __call__(self, x, t):
+        self._calls += 1
+        eps = self.net(x, t)
+        if self.scale == 0.0:
+            return eps
+        self.classifier_evals += 1
+        g = self.grad_log_potential(x, t)
+        sigma = self.schedule.sigma(torch.as_tensor(t, dtype=torch.float64))
+        return eps - self.scale * _bc(sigma, x) * g.to(x.dtype)

@@ -35,6 +35,9 @@ class LoadedModel:
     # Conditional models: net(x, t, cond) takes a class label per sample (int64, (batch,)); None = unconditional.
     n_classes: int | None = None  # number of classes (labels 0 .. n_classes-1); None = an unconditional model
     null_label: int | None = None # the label meaning "no condition" (classifier-free guidance's unconditional eps)
+    # Classifier guidance (bench.guidance): the model's own log p_t(y | x) (bench.models.classifier), or a zero-argument
+    # loader of it (loaded when a run asks for classifier_scale); None = none (a user's by import path still works).
+    guidance_classifier: Any = None
 
 
 MODELS: dict[str, Callable[[dict], LoadedModel]] = {}
@@ -110,7 +113,9 @@ def _load_gmm(cfg: dict) -> LoadedModel:
     if not isinstance(cond, bool):
         raise ConfigError(f"gmm: conditional must be true or false, got {cond!r}")
     net = GMMEps(gmm, schedule, cond)
+    from bench.models.classifier import ExactPosterior
     net.parametrization = check_parametrization(cfg.get("parametrization") or "eps", "model=gmm")
     return LoadedModel("gmm", net, schedule, (gmm.dim,), data=gmm, parametrization=net.parametrization,
                        info={"dim": gmm.dim, "n_components": gmm.K, "exact": True, "conditional": cond},
-                       n_classes=gmm.K if cond else None, null_label=gmm.K if cond else None)
+                       n_classes=gmm.K if cond else None, null_label=gmm.K if cond else None,
+                       guidance_classifier=ExactPosterior(gmm, schedule))

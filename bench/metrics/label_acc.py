@@ -2,8 +2,8 @@
 for (the "classification accuracy" of conditional generative models, beside FID; cf. Ho & Salimans 2022).
 
 The judge: on the class-conditional gmm the exact Bayes classifier (argmax_k p(y = k | x), class = component);
-on digits_cond the shipped digits classifier (models/weights/digits_classifier.pt, the FID feature network's
-head).  Standard error binomial, sqrt(acc (1 - acc) / n).  Only for conditional models (bench.guidance).
+on digits_cond (and digits with classifier guidance) the shipped clean-data digits classifier
+(models/weights/digits_classifier.pt, the FID feature network's head), not the noise-aware classifier that guides.  Standard error binomial, sqrt(acc (1 - acc) / n).  Only for conditional models (bench.guidance).
 """
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.columns import Column, book
 
 
-def judge(model):
-    """(name, predict(x) -> class per row) for a conditional model, or None where it has no classifier."""
+def judge(model, n_classes=None):
+    """(name, predict(x) -> class per row) for a conditional or classifier-guided run with n_classes classes (default
+    the model's), or None where there is no classifier.  Never the guiding classifier: on digits the clean-data
+    classifier, a different network from the noise-aware one that guides."""
     data, feats = model.data, model.feature_net
-    if data is not None and hasattr(data, "posterior") and getattr(data, "K", None) == model.n_classes:
+    n_classes = model.n_classes if n_classes is None else n_classes
+    if data is not None and hasattr(data, "posterior") and getattr(data, "K", None) == n_classes:
         return "exact_posterior", lambda x: data.posterior(x.to(torch.float64).flatten(1).cpu()).argmax(1)
     if feats is not None and hasattr(feats, "probs"):
         return "classifier", lambda x: feats.probs(x).argmax(1).cpu()
@@ -44,15 +47,15 @@ class LabelAccuracy(Metric):
     )
 
     def protocol(self, ctx: MetricContext) -> dict:
-        j = judge(ctx.model)
         cond = guidance.of_context(ctx)
+        j = judge(ctx.model, cond.n_classes if cond else None)
         return {"metric": "label_acc", "judge": j[0] if j else None,
                 "judge_weights": _feature_hash(ctx.model) if j and j[0] == "classifier" else None,
                 "labels": cond.labels if cond else None, "n_samples": int(ctx.samples.shape[0])}
 
     def compute(self, ctx: MetricContext) -> dict:
         cond = guidance.of_context(ctx)
-        j = judge(ctx.model)
+        j = judge(ctx.model, cond.n_classes if cond else None)
         if cond is None or j is None:
             return {"label_acc": None, "label_acc_note": f"n/a: model {ctx.model.name} has no classifier or exact "
                                                          f"class posterior to judge its samples"}
