@@ -40,6 +40,8 @@ def load_plugins() -> dict[str, list[str]]:
 
 def plugin_solver_names() -> list[str]:
     """Solvers registered by plugin packages (not built in)."""
+    if not _LOADED and not list(entry_points(group=GROUP)):
+        return []        # no plugin package installed: import nothing (a rerun's fast skip stays free of torch)
     from bench.solvers import registry
     registry._load_builtins()
     return sorted(n for k, names in _LOADED.items() if k != "<builtin>" for n in names)

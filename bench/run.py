@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from bench import fsio, guidance, store
+from bench.fastpath import cell_label, code_version, config_digest  # noqa: F401  (re-exported)
 from bench.metrics import MetricContext, make_metric
 from bench.models.dynamics import Dynamics
 from bench.models.errors import ConfigError
@@ -21,29 +21,10 @@ from bench.models.registry import load_model
 from bench.solvers.registry import solver_from_cfg
 from bench.solvers.rng import PerSampleRNG
 from bench.solvers.timesteps import fixed_points, grid_record, make_timesteps
-from bench import CONF_DIR, REPO_ROOT
+from bench import CONF_DIR
 
 log = logging.getLogger("bench")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Git commit of the code; with uncommitted changes to tracked files, '-dirty-' and a hash of the diff,
-    so that editing the code changes the cell keys (and a rerun does not skip stale cells).  Installed from a
-    wheel (no checkout), 'v' + the package version."""
-    if REPO_ROOT is None or not (REPO_ROOT / ".git").exists():
-        from bench import __version__
-        return f"v{__version__}"
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO_ROOT, capture_output=True, timeout=30).stdout
-        if not rev:
-            return "unknown"
-        return rev + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -375,6 +356,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     step; any other error records status 'failed' with the message."""
     t_start = time.perf_counter()
     check_top(cfg)
+    digest = config_digest(cfg)              # of the config as given (bench.fastpath: a rerun's skip without torch)
     from bench.optimize_steps import resolve_grid
     cfg = resolve_grid(cfg)   # the grid of timesteps.file in the cell's identity; calibration seeds refused (ConfigError)
     store.open_store(cfg["results_dir"])      # before any work: a directory that cannot hold the store fails now
@@ -384,7 +366,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
     head = {"key": key, "cell": cell_id(ident), "model": ident["model"], "solver": ident["solver"],
             "solver_knobs": ident["solver_knobs"], "timesteps": ident["timesteps"], "nfe_budget": cfg["nfe"],
             "seed": cfg["seed"], "n_samples": cfg["n_samples"], "dtype": cfg["dtype"],
-            "code_version": ident["code_version"]}
+            "code_version": ident["code_version"], "config_digest": digest}
     if not force:
         done = store.find_done(cfg["results_dir"], key)
         if done:
@@ -464,12 +446,6 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         return {**row, "status": "skipped", "reason": "recorded meanwhile by another worker"}
     row["id"] = rid
     return row
-
-
-def cell_label(row: dict) -> str:
-    """One line naming a cell: model solver nfe=N seed=S."""
-    knobs = "".join(f" {k}={v}" for k, v in (row.get("solver_knobs") or {}).items())
-    return f"{row['model']} {row['solver']}{knobs} nfe={row['nfe_budget']} seed={row['seed']} n={row['n_samples']}"
 
 
 @lru_cache(maxsize=1)

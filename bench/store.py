@@ -50,6 +50,7 @@ COLUMNS = {
     "classifier_scale": "REAL",  # classifier guidance scale s (score + s grad log p_t(y | x)); null = none
     "classifier": "TEXT",        # the guiding log-potential: exact_posterior, a shipped classifier, or an import path
     "classifier_evals": "INTEGER",  # classifier evaluations (forward + input gradient) per sample, not in nfe
+    "config_digest": "TEXT",     # hash of the whole composed config + code version: a rerun's fast skip (bench.fastpath)
 }
 JSON_COLUMNS = ("solver_knobs", "metrics", "protocols", "config", "sample_shape", "nfe_batches")
 
@@ -114,6 +115,10 @@ def _setup(con, path) -> sqlite3.Connection:
                 con.execute(f"ALTER TABLE runs ADD COLUMN {k} {v}")
             except sqlite3.OperationalError:   # another worker added it first
                 pass
+    try:
+        con.execute("CREATE INDEX IF NOT EXISTS runs_config_digest ON runs(config_digest)")
+    except sqlite3.OperationalError:
+        pass
     try:
         con.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_done_key ON runs(key) "
                     "WHERE status IN ('ok', 'diverged')")
@@ -241,6 +246,20 @@ def find_done(results_dir, key: str) -> dict | None:
     try:
         con.row_factory = sqlite3.Row
         r = con.execute("SELECT * FROM runs WHERE key = ? AND status IN ('ok', 'diverged') LIMIT 1", (key,)).fetchone()
+        return dict(r) if r else None
+    finally:
+        con.close()
+
+
+def find_done_by_digest(results_dir, digest: str) -> dict | None:
+    """The finished row recorded with this config_digest (bench.fastpath), or None."""
+    if not db_path(results_dir).exists():
+        return None
+    con = _connect(results_dir)
+    try:
+        con.row_factory = sqlite3.Row
+        r = con.execute("SELECT * FROM runs WHERE config_digest = ? AND status IN ('ok', 'diverged') "
+                        "ORDER BY id DESC LIMIT 1", (digest,)).fetchone()
         return dict(r) if r else None
     finally:
         con.close()
