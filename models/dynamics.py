@@ -107,6 +107,10 @@ class Dynamics:
         return self.counter.nfe
 
     def eps(self, x, t):
+        if isinstance(t, float):
+            # a grid point as a Python float (the solvers' step loops, issue 17): one fill of x's dtype on x's device,
+            # the value as_tensor(float64) -> expand -> .to(dtype) gives, without the three small ops
+            return self.counter(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
         t = torch.as_tensor(t, dtype=torch.float64)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
@@ -117,6 +121,12 @@ class Dynamics:
         eps = self.eps(x, t) if eps is None else eps
         s = self.schedule
         return (x - _bc(s.sigma(t), x) * eps) / _bc(s.alpha(t), x)
+
+    def x0_at(self, x, t: float, alpha: float, sigma: float, eps=None):
+        """x0 at a grid point whose alpha(t), sigma(t) the solver took from the schedule once per grid as Python floats
+        (issue 17): the same (x - sigma eps)/alpha as x0, in two fused tensor ops, with no schedule call."""
+        eps = self.eps(x, t) if eps is None else eps
+        return x.sub(eps, alpha=sigma).div_(alpha)
 
     def score(self, x, t, eps=None):
         eps = self.eps(x, t) if eps is None else eps

@@ -32,7 +32,7 @@ import torch
 from bench.solvers.knobs import check_choice
 from bench.solvers.multistep import STARTUP_TABLEAU
 from bench.solvers.registry import register_solver
-from bench.solvers.rk import TABLEAUS, rk_step
+from bench.solvers.rk import TABLEAUS, _axpy, rk_apply, rk_plan
 from bench.solvers.variables import ODEVariable
 
 ORDERS = (1, 2, 3)
@@ -99,15 +99,17 @@ def deis_sample(dyn, x, t, rng=None, order: int = 2, method: str = "tab", startu
     s = V.s_of_t(t).tolist()
     y = V.to_state(x, t[0])
     n_rk = _rk_steps(order, startup, len(t))
+    pts = V.points(s)                                          # the grid's coefficients, once per solve (issue 17)
+    rk = [rk_plan(V, STARTUP_TABLEAU[order + 1], s[i:i + 2])[0] for i in range(n_rk)]
     hist = []                                                  # eps at t_i, t_{i-1}, ... (newest first)
     for i in range(len(t) - 1):
-        eps, _ = V.deriv(s[i], y)
+        eps, _ = V.deriv(pts[i], y)
         hist = [eps] + hist[:order]
         if i < n_rk:                                           # rhoRK start-up step of order r, first stage = eps
-            y = rk_step(V, STARTUP_TABLEAU[order + 1], s[i], s[i + 1], y, k0=eps)
+            y = rk_apply(V, rk[i], y, k0=eps)
             continue
-        y = y + sum(wj * ej for wj, ej in zip(W[i], hist))
-    _, eps = V.deriv(s[-1], y)
+        y = _axpy(y, enumerate(W[i]), hist)                    # x_hat_i + sum_j W_ij eps_{i-j}
+    _, eps = V.deriv(pts[-1], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from bench.models.errors import ConfigError
 from bench.solvers.knobs import check_choice
+from bench.solvers.lincomb import Lin, combine
 from bench.solvers.registry import register_solver
 
 LOWER_ORDER_FINAL_BELOW = 15     # as diffusers: lower_order_final acts when steps < 15
@@ -28,6 +29,7 @@ class _Grid:
 
     def __init__(self, schedule, t):
         self.sch, self.t = schedule, t
+        self.tf = torch.as_tensor(t, dtype=torch.float64).tolist()       # the grid as floats: dyn.eps's fast path
         self.lam = schedule.lambda_(t).tolist()
         self.alpha, self.sigma = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
         self._at = {}
@@ -37,7 +39,7 @@ class _Grid:
         lams = [lam for lam in dict.fromkeys(lams) if lam not in self._at]
         if lams:
             t = self.sch.t_of_lambda(torch.tensor(lams, dtype=torch.float64))
-            for lam, ti, a, s in zip(lams, t, self.sch.alpha(t).tolist(), self.sch.sigma(t).tolist()):
+            for lam, ti, a, s in zip(lams, t.tolist(), self.sch.alpha(t).tolist(), self.sch.sigma(t).tolist()):
                 self._at[lam] = (ti, a, s)
 
     def at(self, lam):
@@ -46,7 +48,11 @@ class _Grid:
         return self._at[lam]
 
     def point(self, i):
-        return self.t[i], self.alpha[i], self.sigma[i]
+        return self.tf[i], self.alpha[i], self.sigma[i]
+
+    def x0(self, dyn, x, i, eps=None):
+        """x0-prediction at grid point i from the floats held here (Dynamics.x0_at: two fused tensor ops)."""
+        return dyn.x0_at(x, self.tf[i], self.alpha[i], self.sigma[i], eps)
 
 
 # ---------------------------------------------------------------- DPM-Solver (noise prediction)
@@ -61,23 +67,23 @@ def dpm_solver_step(dyn, g, x, i, order, eps_s):
     h = lam_t - lam_s
     _, a_s, _ = g.point(i)
     _, a_t, s_t = g.point(i + 1)
-    x_lin = (a_t / a_s) * x - (s_t * math.expm1(h)) * eps_s
+    x_lin = x.mul(a_t / a_s).sub_(eps_s, alpha=s_t * math.expm1(h))
     if order == 1:
         return x_lin
     if order == 2:
         r1 = 0.5
         t1, a1, s1 = g.at(lam_s + r1 * h)
-        u1 = (a1 / a_s) * x - (s1 * math.expm1(r1 * h)) * eps_s
-        return x_lin - (s_t / (2 * r1) * math.expm1(h)) * (dyn.eps(u1, t1) - eps_s)
+        u1 = x.mul(a1 / a_s).sub_(eps_s, alpha=s1 * math.expm1(r1 * h))
+        return x_lin.sub_(torch.sub(dyn.eps(u1, t1), eps_s), alpha=s_t / (2 * r1) * math.expm1(h))
     r1, r2 = 1 / 3, 2 / 3
     t1, a1, s1 = g.at(lam_s + r1 * h)
     t2, a2, s2 = g.at(lam_s + r2 * h)
-    u1 = (a1 / a_s) * x - (s1 * math.expm1(r1 * h)) * eps_s
-    D1 = dyn.eps(u1, t1) - eps_s
-    u2 = ((a2 / a_s) * x - (s2 * math.expm1(r2 * h)) * eps_s
-          - (s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1)) * D1)
-    D2 = dyn.eps(u2, t2) - eps_s
-    return x_lin - (s_t / r2 * (math.expm1(h) / h - 1)) * D2
+    u1 = x.mul(a1 / a_s).sub_(eps_s, alpha=s1 * math.expm1(r1 * h))
+    D1 = torch.sub(dyn.eps(u1, t1), eps_s)
+    u2 = (x.mul(a2 / a_s).sub_(eps_s, alpha=s2 * math.expm1(r2 * h))
+          .sub_(D1, alpha=s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1)))
+    D2 = torch.sub(dyn.eps(u2, t2), eps_s)
+    return x_lin.sub_(D2, alpha=s_t / r2 * (math.expm1(h) / h - 1))
 
 
 def fast_orders(intervals):
@@ -142,7 +148,7 @@ def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False, o
     g = _Grid(dyn.schedule, t)
     g.prepare([g.lam[i] + r * (g.lam[i + 1] - g.lam[i]) for i, k in enumerate(alloc) for r in DPM_STAGES[k]])
     for i, k in enumerate(alloc):
-        x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, t[i]))
+        x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, g.tf[i]))
     return dyn.x0(x, t[-1]) if final == "x0" else x
 
 
@@ -203,9 +209,9 @@ def pp_singlestep2_update(dyn, g, x, i, x0_s, r=0.5):
     _, _, s_s = g.point(i)
     _, a_t, s_t = g.point(i + 1)
     t1, a1, s1 = g.at(lam_s + r * h)
-    u = (s1 / s_s) * x - (a1 * math.expm1(-r * h)) * x0_s
-    D = (1 - 1 / (2 * r)) * x0_s + (1 / (2 * r)) * dyn.x0(u, t1)
-    return (s_t / s_s) * x - (a_t * math.expm1(-h)) * D
+    u = x.mul(s1 / s_s).sub_(x0_s, alpha=a1 * math.expm1(-r * h))
+    D = dyn.x0_at(u, t1, a1, s1).mul_(1 / (2 * r)).add_(x0_s, alpha=1 - 1 / (2 * r))
+    return x.mul(s_t / s_s).sub_(D, alpha=a_t * math.expm1(-h))
 
 
 def _check_pp(order, method, lower_order_final, d2="dpm_solver_code"):
@@ -233,14 +239,18 @@ def dpm_solver_pp_sample(dyn, x, t, rng=None, order: int = 2, method: str = "mul
     if method == "singlestep":
         if order == 2:
             g.prepare([g.lam[i] + 0.5 * (g.lam[i + 1] - g.lam[i]) for i in range(n - 1)])
+        W = [pp_multistep_update(g, Lin(0), i, [Lin(1)], 1).terms((0,)) for i in range(n - 1)]
         for i in range(n - 1):
-            x0_s = dyn.x0(x, t[i])
-            x = pp_singlestep2_update(dyn, g, x, i, x0_s) if order == 2 else pp_multistep_update(g, x, i, [x0_s], 1)
+            x0_s = g.x0(dyn, x, i)
+            x = pp_singlestep2_update(dyn, g, x, i, x0_s) if order == 2 else combine(W[i], (x, x0_s))
         return dyn.x0(x, t[-1])
+    # each step's weights on x and the x0 history, from the update formula run on symbols once per solve (issue 17)
+    W = [pp_multistep_update(g, Lin(0), i, [Lin(1), Lin(2), Lin(3)], multistep_order(order, i, n, lower_order_final),
+                             d2).terms((0,)) for i in range(n - 1)]
     hist = []
     for i in range(n - 1):
-        hist = [dyn.x0(x, t[i])] + hist[:2]
-        x = pp_multistep_update(g, x, i, hist, multistep_order(order, i, n, lower_order_final), d2)
+        hist = [g.x0(dyn, x, i)] + hist[:2]
+        x = combine(W[i], (x, *hist))
     return dyn.x0(x, t[-1])
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bench.solvers.knobs import check_choice
 from bench.solvers.registry import register_solver
+from bench.solvers.rk import _axpy
 from bench.solvers.variables import ODEVariable
 
 ORDERS = (1, 2, 3, 4)
@@ -54,13 +55,17 @@ def ipndm_v_sample(dyn, x, t, rng=None, order: int = 4):
     V = ODEVariable(dyn, "sigma_hat")
     s = V.s_of_t(t).tolist()
     y = V.to_state(x, t[0])
+    pts = V.points(s)                                          # the grid's coefficients, once per solve (issue 17)
+    hw = []                                                    # step n's weights h_n w_j (newest first)
+    for n in range(len(t) - 1):
+        h = [s[n + 1 - j] - s[n - j] for j in range(min(order, n + 1))]
+        hw.append([(j, h[0] * wj) for j, wj in enumerate(ipndm_v_coefficients(h))])
     hist = []                                                  # eps at s_n, s_{n-1}, ... (newest first)
     for n in range(len(t) - 1):
-        d, _ = V.deriv(s[n], y)
+        d, _ = V.deriv(pts[n], y)
         hist = [d] + hist[:order - 1]
-        h = [s[n + 1 - j] - s[n - j] for j in range(len(hist))]
-        y = y + sum(h[0] * wj * dj for wj, dj in zip(ipndm_v_coefficients(h), hist))
-    _, eps = V.deriv(s[-1], y)
+        y = _axpy(y, hw[n], hist)
+    _, eps = V.deriv(pts[-1], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from bench.models.errors import ConfigError
 from bench.solvers.knobs import check_choice
 from bench.solvers.registry import register_solver
-from bench.solvers.rk import TABLEAUS, rk_apply, rk_plan
+from bench.solvers.rk import TABLEAUS, _axpy, rk_apply, rk_plan
 from bench.solvers.variables import VARIABLES, ODEVariable
 
 ORDERS = (1, 2, 3, 4)
@@ -87,7 +87,7 @@ def ab_sample(dyn, x, t, rng=None, order: int = 2, ipndm: bool = False, variable
     # what depends on the grid only, once per solve (issue 17): the points where the derivative is evaluated, the
     # start-up steps' Runge-Kutta plans, and each Adams step's weights h w_j
     pts = V.points(s)
-    rk = [rk_plan(V, STARTUP_TABLEAU[order], s[n:n + 2], y.dtype)[0] for n in range(n_rk)]
+    rk = [rk_plan(V, STARTUP_TABLEAU[order], s[n:n + 2])[0] for n in range(n_rk)]
     hw = [None] * n_rk
     for n in range(n_rk, len(t) - 1):
         k, h = min(order, n + 1), s[n + 1] - s[n]
@@ -100,7 +100,7 @@ def ab_sample(dyn, x, t, rng=None, order: int = 2, ipndm: bool = False, variable
         if n < n_rk:                                   # Runge-Kutta start-up step of order k-1, first stage = d
             y = rk_apply(V, rk[n], y, k0=d)
             continue
-        y = y + sum(c * dj for c, dj in zip(hw[n], hist))
+        y = _axpy(y, enumerate(hw[n]), hist)             # y + sum_j h w_j f_{n-j}
     _, eps = V.deriv(pts[-1], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 

@@ -23,21 +23,28 @@ TABLEAUS = {
 }
 
 
-def rk_plan(V, tableau: str, s, dtype):
+def rk_plan(V, tableau: str, s, dtype=None):
     """Everything of the steps of `tableau` on the grid s (variable values) that does not depend on the state: per
-    step, the stages' GridPoints at s_n + c_i h and the weights h a_ij, h b_i as tensors of the state's dtype,
-    computed once per solve (issue 17)."""
+    step, the stages' GridPoints at s_n + c_i h and the weights h a_ij, h b_i as Python floats, computed once per
+    solve (issue 17).  (dtype is unused: scalar coefficients take the state's dtype in each op.)"""
     A, b, c, _ = TABLEAUS[tableau]
-    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
-    h = s[1:] - s[:-1]
-    stage_s = torch.stack([s[:-1] + ci * h for ci in c], dim=1)                     # (steps, stages)
-    pts = V.points(stage_s.reshape(-1))
+    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).tolist()
+    h = [s1 - s0 for s0, s1 in zip(s[:-1], s[1:])]
+    pts = V.points([s[n] + ci * h[n] for n in range(len(h)) for ci in c])         # (steps * stages)
     plan = []
-    for n in range(len(h)):
-        a = [[(j, (h[n] * A[i][j]).to(dtype)) for j in range(i) if A[i][j] != 0.0] for i in range(len(b))]
-        w = [(i, (h[n] * bi).to(dtype)) for i, bi in enumerate(b) if bi != 0.0]
+    for n, hn in enumerate(h):
+        a = [[(j, hn * A[i][j]) for j in range(i) if A[i][j] != 0.0] for i in range(len(b))]
+        w = [(i, hn * bi) for i, bi in enumerate(b) if bi != 0.0]
         plan.append((pts[n * len(c):(n + 1) * len(c)], a, w))
     return plan
+
+
+def _axpy(y, terms, k):
+    """y + sum_j c_j k[j] over terms (j, c_j): fused adds with scalar coefficients, a new tensor (y is not changed)."""
+    out = y
+    for j, cj in terms:
+        out = y.add(k[j], alpha=cj) if out is y else out.add_(k[j], alpha=cj)
+    return out
 
 
 def rk_apply(V, step, y, k0=None):
@@ -49,27 +56,24 @@ def rk_apply(V, step, y, k0=None):
         if i == 0 and k0 is not None:
             k.append(k0)
             continue
-        yi = y
-        for j, aij in a[i]:
-            yi = yi + aij * k[j]
-        k.append(V.deriv(p, yi)[0])
-    return y + sum(bi * k[i] for i, bi in w)
+        k.append(V.deriv(p, _axpy(y, a[i], k))[0])
+    return _axpy(y, w, k)
 
 
 def rk_step(V, tableau: str, s_n, s_next, y, k0=None):
     """One explicit RK step of `tableau` in the variable of V from s_n to s_next (Butcher 2016, eq. 232a);
     k0, when given, is the first stage's derivative at (s_n, y) already evaluated (c_1 = 0)."""
-    s = torch.stack([torch.as_tensor(s_n, dtype=torch.float64), torch.as_tensor(s_next, dtype=torch.float64)])
-    return rk_apply(V, rk_plan(V, tableau, s, y.dtype)[0], y, k0)
+    return rk_apply(V, rk_plan(V, tableau, [float(s_n), float(s_next)])[0], y, k0)
 
 
 def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat"):
     V = ODEVariable(dyn, variable)
     s = V.s_of_t(t)
     y = V.to_state(x, t[0])
-    for step in rk_plan(V, tableau, s, y.dtype):
+    plan = rk_plan(V, tableau, s)
+    for step in plan:
         y = rk_apply(V, step, y)
-    _, eps = V.deriv(s[-1], y)
+    _, eps = V.deriv(V.points(s[-1:])[0], y)
     return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
 
 

@@ -24,6 +24,7 @@ import torch
 from bench.models.errors import ConfigError
 from bench.solvers.exponential import D2_SCALE, _Grid, multistep_order
 from bench.solvers.knobs import check_choice
+from bench.solvers.lincomb import Lin, combine
 from bench.solvers.registry import register_solver
 
 
@@ -89,12 +90,15 @@ def dpm_solver_pp_sde(dyn, x, t, rng, order: int = 2, eta: float = 1.0, solver_t
     _check_pp_sde(order, eta, solver_type, d2, lower_order_final)
     g = _Grid(dyn.schedule, t)
     n = len(t)
+    # each step's weights on x (symbol 0), the x0 history (1, 2, 3) and the increment z (-1): the update run on symbols
+    # once per solve (issue 17)
+    W = [pp_sde_update(g, Lin(0), i, [Lin(1), Lin(2), Lin(3)], multistep_order(order, i, n, lower_order_final), eta,
+                       solver_type, d2, Lin(-1) if eta > 0 else None).terms((0,)) for i in range(n - 1)]
     hist = []
     for i in range(n - 1):
-        hist = [dyn.x0(x, t[i])] + hist[:2]
+        hist = [g.x0(dyn, x, i)] + hist[:2]
         z = rng.increment(x, t[i], t[i + 1]) if eta > 0 else None
-        k = multistep_order(order, i, n, lower_order_final)
-        x = pp_sde_update(g, x, i, hist, k, eta, solver_type, d2, z)
+        x = combine(W[i], (x, *hist, z))
     return dyn.x0(x, t[-1])
 
 
@@ -181,16 +185,24 @@ def sa_solver(dyn, x, t, rng, predictor_order: int = 3, corrector_order: int = 4
     sig = dyn.schedule.sigma_hat(t).tolist()
     n = len(t)
     keep = max(predictor_order, corrector_order - 1, 1)
-    hist = [dyn.x0(x, t[0])]                                  # newest first, at lambda_i, lambda_{i-1}, ...
+    # each step's weights on x (symbol 0), the increment z (1), the new x0 (2) and the x0 history (3, 4, ...): the
+    # updates run on symbols once per solve (issue 17)
+    X, Z, NEW, M = Lin(0), Lin(1), Lin(2), [Lin(3 + j) for j in range(keep)]
+    taus = [float(tau) if tau_sigma_min <= sig[i] <= tau_sigma_max else 0.0 for i in range(n - 1)]
+    P, C = [], []
     for i in range(n - 1):
-        tau_i = float(tau) if tau_sigma_min <= sig[i] <= tau_sigma_max else 0.0
-        z = rng.increment(x, t[i], t[i + 1]) if tau_i > 0 else None
-        kp = min(predictor_order, i + 1)
-        x_pred = sa_update(g, x, i, g.lam[i::-1][:kp], hist[:kp], tau_i, z, order2)
-        m_new = dyn.x0(x_pred, t[i + 1])
-        kc = min(corrector_order, i + 2)
-        if kc > 0 and i < n - 2:
-            x_pred = sa_update(g, x, i, g.lam[i + 1::-1][:kc], [m_new] + hist[:kc - 1], tau_i, z, order2)
+        kp, kc = min(predictor_order, i + 1), min(corrector_order, i + 2)
+        z = Z if taus[i] > 0 else None
+        P.append(sa_update(g, X, i, g.lam[i::-1][:kp], M[:kp], taus[i], z, order2).terms((0,)))
+        C.append(sa_update(g, X, i, g.lam[i + 1::-1][:kc], [NEW] + M[:kc - 1], taus[i], z, order2).terms((0,))
+                 if kc > 0 and i < n - 2 else None)
+    hist = [g.x0(dyn, x, 0)]                                  # newest first, at lambda_i, lambda_{i-1}, ...
+    for i in range(n - 1):
+        z = rng.increment(x, t[i], t[i + 1]) if taus[i] > 0 else None
+        x_pred = combine(P[i], (x, z, None, *hist))
+        m_new = g.x0(dyn, x_pred, i + 1)
+        if C[i] is not None:
+            x_pred = combine(C[i], (x, z, m_new, *hist))
         x = x_pred
         hist = ([m_new] + hist)[:keep]
     return hist[0]

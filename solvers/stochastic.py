@@ -17,17 +17,23 @@ import torch
 from bench.models.dynamics import _bc
 from bench.models.errors import ConfigError
 from bench.solvers.registry import register_solver
+from bench.solvers.variables import floats
 
 
-def _sqrt_abs(h):
-    return torch.sqrt(torch.abs(torch.as_tensor(h, dtype=torch.float64)))
+def sde_plan(sch, t):
+    """Per grid point, as Python floats once per solve (issue 17): t, f(t), g^2/sigma (the drift's eps weight) and g."""
+    g2 = sch.g2(t)
+    return (t.tolist(), floats(sch.f(t), t), floats(g2 / sch.sigma(t), t), floats(torch.sqrt(g2), t))
 
 
-def em_step(dyn, x, t_from, t_to, rng, eps=None):
-    """One Euler-Maruyama step of the reverse SDE dx = [f x - g^2 score] dt + g dW-bar (Song et al. 2021, eq. 6)."""
-    dt = t_to - t_from                                       # negative: time runs backwards
-    z = rng.increment(x, t_from, t_to)
-    return x + _bc(dt, x) * dyn.sde_drift(t_from, x, eps=eps) + _bc(dyn.diffusion(t_from) * _sqrt_abs(dt), x) * z
+def em_step(dyn, x, plan, n, t, rng):
+    """One Euler-Maruyama step t_n -> t_{n+1} of the reverse SDE dx = [f x - g^2 score] dt + g dW-bar (Song et al. 2021,
+    eq. 6); score = -eps/sigma, so the drift is f x + (g^2/sigma) eps."""
+    tf, f, c, g = plan
+    dt = tf[n + 1] - tf[n]                                   # negative: time runs backwards
+    z = rng.increment(x, t[n], t[n + 1])
+    drift = torch.add(x.mul(f[n]), dyn.eps(x, tf[n]), alpha=c[n])
+    return x.add(drift, alpha=dt).add_(z, alpha=g[n] * math.sqrt(abs(dt)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -35,8 +41,9 @@ def em_step(dyn, x, t_from, t_to, rng, eps=None):
                  stochastic=True, brownian=True, default_timesteps="uniform_t")
 def euler_maruyama(dyn, x, t, rng):
     """Euler-Maruyama (Kloeden & Platen 1992, ch. 9) on the reverse SDE (Song et al. 2021, eq. 6)."""
+    plan = sde_plan(dyn.schedule, t)
     for n in range(len(t) - 1):
-        x = em_step(dyn, x, t[n], t[n + 1], rng)
+        x = em_step(dyn, x, plan, n, t, rng)
     return dyn.x0(x, t[-1])
 
 
@@ -102,17 +109,17 @@ def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0, variance:
         std = sigma_eta if variance == "posterior" else alpha[:-1] * torch.sqrt(sig[:-1] ** 2 - sig[1:] ** 2)
         c_x0, c_eps, c_z = alpha[1:], torch.sqrt(sigma[1:] ** 2 - sigma_eta ** 2), std
     else:
-        c_eps, c_z = downs - sig[:-1], ups
+        c_x0, c_eps, c_z = alpha[1:], downs - sig[:-1], ups
+    tf, alpha, sigma = t.tolist(), alpha.tolist(), sigma.tolist()
+    c_x0, c_eps, c_z = c_x0.tolist(), c_eps.tolist(), c_z.tolist()     # Python floats: scalar operands of fused ops
     for n in range(len(t) - 1):
-        eps = dyn.eps(x, t[n])
+        eps = dyn.eps(x, tf[n])
         z = rng.increment(x, t[n], t[n + 1])
         if variant == "ddpm":
-            x0 = dyn.x0(x, t[n], eps=eps)
-            x = _bc(c_x0[n], x) * x0 + _bc(c_eps[n], x) * eps + _bc(c_z[n], x) * z
-        else:
-            x_hat = x / _bc(alpha[n], x)
-            x_hat = x_hat + _bc(c_eps[n], x) * eps + _bc(c_z[n], x) * z      # d x_hat/d sigma_hat = eps
-            x = x_hat * _bc(alpha[n + 1], x)
+            x0 = dyn.x0_at(x, tf[n], alpha[n], sigma[n], eps)
+            x = x0.mul_(c_x0[n]).add_(eps, alpha=c_eps[n]).add_(z, alpha=c_z[n])
+        else:                                                  # x_hat = x/alpha, d x_hat/d sigma_hat = eps
+            x = x.div(alpha[n]).add_(eps, alpha=c_eps[n]).add_(z, alpha=c_z[n]).mul_(c_x0[n])
     return dyn.x0(x, t[-1])
 
 
@@ -146,49 +153,67 @@ def edm_stochastic(dyn, x, t, rng, S_churn: float = 30.0, S_min: float = 0.01, S
     gammas = [min(S_churn / N, math.sqrt(2) - 1) if S_min <= s <= S_max else 0.0 for s in sig.tolist()]
     sig_cs = sig * torch.tensor([1 + g for g in gammas], dtype=sig.dtype)          # line 5: t_hat_i
     noise = torch.sqrt(sig_cs ** 2 - sig ** 2) * S_noise
+    # d x_hat / d sigma_hat = eps(alpha x_hat, t(sigma_hat)) (ode_rhs_sigma_hat) at sig_c[i] and sig[i + 1]: the times and
+    # alphas of both, and the step sizes, as Python floats once per solve
+    t_c, t_n = sch.t_of_sigma_hat(sig_cs), sch.t_of_sigma_hat(sig[1:])
+    a_c, a_n = floats(sch.alpha(t_c), t_c), floats(sch.alpha(t_n), t_n)
+    t_c, t_n, noise, sig_c = t_c.tolist(), t_n.tolist(), noise.tolist(), sig_cs.tolist()
+    h = [s1 - s0 for s0, s1 in zip(sig_c, sig[1:].tolist())]
     for i in range(N):
-        gamma, sig_c = gammas[i], sig_cs[i]
-        if gamma > 0:                                                            # line 6
-            x_hat = x_hat + _bc(noise[i], x_hat) * rng.randn_like(x_hat)
-        d = dyn.ode_rhs_sigma_hat(sig_c, x_hat)                                  # line 7: (x - D)/t_hat = eps
+        if gammas[i] > 0:                                                        # line 6
+            x_hat = x_hat.add(rng.randn_like(x_hat), alpha=noise[i])
+        d = dyn.eps(x_hat.mul(a_c[i]), t_c[i])                                   # line 7: (x - D)/t_hat = eps
         if i == N - 1:                                                           # last step Euler to sigma = 0
-            return x_hat - _bc(sig_c, x_hat) * d                                 # = D(x_hat; sig_c), i.e. x0
-        x_next = x_hat + _bc(sig[i + 1] - sig_c, x_hat) * d                      # line 8
-        d2 = dyn.ode_rhs_sigma_hat(sig[i + 1], x_next)                           # lines 9-11: Heun correction
-        x_hat = x_hat + _bc(sig[i + 1] - sig_c, x_hat) * (0.5 * d + 0.5 * d2)
+            return x_hat.sub(d, alpha=sig_c[i])                                  # = D(x_hat; sig_c), i.e. x0
+        x_next = x_hat.add(d, alpha=h[i])                                        # line 8
+        d2 = dyn.eps(x_next.mul(a_n[i]), t_n[i])                                 # lines 9-11: Heun correction
+        x_hat = x_hat.add(d.add_(d2), alpha=0.5 * h[i])
 
 
 # ---------------------------------------------------------------------------------------------------------
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
 
 
-def reverse_diffusion_step(dyn, x, t_from, t_to, rng, eps=None):
-    """Reverse-diffusion predictor (Song et al. 2021, eq. 47): x - f_i(x) + G_i^2 score + G_i z, with the forward
-    step t_to -> t_from of the schedule, f_i(x) = (a - 1) x, a = alpha(t_from)/alpha(t_to),
-    G_i^2 = sigma(t_from)^2 - a^2 sigma(t_to)^2 (DDPM's beta_i for VP, sigma_i^2 - sigma_{i-1}^2 for VE)."""
-    sch = dyn.schedule
-    a = sch.alpha(t_from) / sch.alpha(t_to)
-    G2 = sch.sigma(t_from) ** 2 - a ** 2 * sch.sigma(t_to) ** 2
-    z = rng.increment(x, t_from, t_to)
-    return x - _bc(a - 1, x) * x + _bc(G2, x) * dyn.score(x, t_from, eps=eps) + _bc(torch.sqrt(G2), x) * z
+def reverse_diffusion_plan(sch, t):
+    """Per step n, as Python floats once per solve (issue 17): (t_n, a - 1, G^2/sigma(t_n), G) for
+    reverse_diffusion_step, a = alpha(t_n)/alpha(t_{n+1}), G^2 = sigma(t_n)^2 - a^2 sigma(t_{n+1})^2."""
+    alpha, sigma = sch.alpha(t), sch.sigma(t)
+    a = alpha[:-1] / alpha[1:]
+    G2 = sigma[:-1] ** 2 - a ** 2 * sigma[1:] ** 2
+    return list(zip(t.tolist(), (a - 1).tolist(), (G2 / sigma[:-1]).tolist(), torch.sqrt(G2).tolist()))
+
+
+def reverse_diffusion_step(dyn, x, plan, n, t, rng):
+    """Reverse-diffusion predictor (Song et al. 2021, eq. 47) t_n -> t_{n+1}: x - f_i(x) + G_i^2 score + G_i z, with
+    the forward step t_{n+1} -> t_n of the schedule, f_i(x) = (a - 1) x, a = alpha(t_n)/alpha(t_{n+1}),
+    G_i^2 = sigma(t_n)^2 - a^2 sigma(t_{n+1})^2 (DDPM's beta_i for VP, sigma_i^2 - sigma_{i-1}^2 for VE);
+    score = -eps/sigma(t_n).  plan: reverse_diffusion_plan."""
+    tn, a1, G2s, G = plan[n]
+    z = rng.increment(x, t[n], t[n + 1])
+    return x.sub(x, alpha=a1).sub_(dyn.eps(x, tn), alpha=G2s).add_(z, alpha=G)
 
 
 STEP_SIZES = ("norms", "sigma2")
 
 
-def langevin_step(dyn, x, t, rng, snr, step_size="norms"):
+def langevin_step(dyn, x, t, rng, snr, step_size="norms", sigma=None):
     """Langevin corrector x + e score + sqrt(2e) z (Song et al. 2021, Algorithms 4/5 with alpha_i = 1).
     'norms': e = 2 (snr ||z|| / ||score||)^2 per sample, as Alg. 4 prints it (score_sde averages the norms over the
     batch, which would tie samples together).  'sigma2': e = 2 snr^2 sigma(t)^2, the same with ||z||^2 and
     ||score||^2 replaced by their typical sizes d and d/sigma^2; in low dimension the per-sample ratio is
-    heavy-tailed (an F(d, d) variable) and the occasional huge step biases the samples."""
+    heavy-tailed (an F(d, d) variable) and the occasional huge step biases the samples.  sigma: sigma(t) as a float
+    when the caller has it (once per grid, issue 17), t then a float too."""
     z = rng.randn_like(x)
-    g = dyn.score(x, t)
-    if step_size == "norms":
-        step = 2 * (snr * z.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)) ** 2
-    else:
-        step = 2 * snr ** 2 * dyn.schedule.sigma(t) ** 2
-    return x + _bc(step, x) * g + _bc(torch.sqrt(2 * step), x) * z
+    if sigma is None:
+        sigma = float(dyn.schedule.sigma(torch.as_tensor(t, dtype=torch.float64)))
+    eps = dyn.eps(x, t)                                   # score = -eps / sigma
+    # with q = sqrt(step / 2): x + step score + sqrt(2 step) z = x - (2 q^2 / sigma) eps + 2 q z
+    if step_size == "norms":                              # q = snr ||z|| / ||score|| = snr sigma ||z|| / ||eps||
+        q = z.flatten(1).norm(dim=1).div_(eps.flatten(1).norm(dim=1)).mul_(snr * sigma)
+        q = q.reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.addcmul(x, q * q, eps, value=-2.0 / sigma).addcmul_(q, z, value=2.0)
+    q = snr * sigma                                       # step = 2 snr^2 sigma^2
+    return x.sub(eps, alpha=2 * q * q / sigma).add_(z, alpha=2 * q)
 
 
 def _check_pc(predictor, snr, n_corrector, step_size):
@@ -220,9 +245,12 @@ def pc(dyn, x, t, rng, predictor: str = "reverse_diffusion", snr: float = 0.16, 
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2/3): a predictor step t_n -> t_{n+1}, then
     n_corrector Langevin steps at t_{n+1}; the final step is the x0-prediction at t_min."""
     _check_pc(predictor, snr, n_corrector, step_size)
-    step = reverse_diffusion_step if predictor == "reverse_diffusion" else em_step
+    sch = dyn.schedule
+    step, plan = ((reverse_diffusion_step, reverse_diffusion_plan(sch, t)) if predictor == "reverse_diffusion"
+                  else (em_step, sde_plan(sch, t)))
+    tf, sigma = t.tolist(), floats(sch.sigma(t), t)
     for n in range(len(t) - 1):
-        x = step(dyn, x, t[n], t[n + 1], rng)
+        x = step(dyn, x, plan, n, t, rng)
         for _ in range(n_corrector):
-            x = langevin_step(dyn, x, t[n + 1], rng, snr, step_size)
+            x = langevin_step(dyn, x, tf[n + 1], rng, snr, step_size, sigma=sigma[n + 1])
     return dyn.x0(x, t[-1])

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from bench.solvers.exponential import _Grid
 from bench.solvers.knobs import check_choice
+from bench.solvers.lincomb import Lin, combine
 from bench.solvers.registry import register_solver
 
 VARIANTS = ("bh1", "bh2")
@@ -63,7 +63,7 @@ def unipc_update(g, x, i, hist, order, variant, m_new=None, coef=None):
         if order == 1:
             return x_t
         return x_t - scale * sum(r * d for r, d in zip(pred, D1s))
-    res = sum((r * d for r, d in zip(corr[:-1], D1s)), torch.zeros_like(x)) + corr[-1] * (m_new - m0)   # corrector UniC
+    res = sum(r * d for r, d in zip(corr[:-1], D1s)) + corr[-1] * (m_new - m0)     # corrector UniC
     return x_t - scale * res
 
 
@@ -80,12 +80,18 @@ def unipc_sample(dyn, x, t, rng=None, order: int = 2, variant: str = "bh2", lowe
     n = len(t)
     ks = [min(order, i + 1, 2 if lower_order_final and i == n - 2 else order) for i in range(n - 1)]
     coefs = [unipc_coefficients(g, i, k, variant, corrector=i < n - 2) for i, k in enumerate(ks)]
-    hist = [dyn.x0(x, t[0])]
-    for i, (k, coef) in enumerate(zip(ks, coefs)):
-        x_pred = unipc_update(g, x, i, hist, k, variant, coef=coef)
-        m_new = dyn.x0(x_pred, t[i + 1])
-        if i < n - 2:                                   # no corrector after the last step
-            x_pred = unipc_update(g, x, i, hist, k, variant, m_new=m_new, coef=coef)
+    # each step's weights on x (symbol 0), the x0 history (1, 2, ...) and the new x0 (-1): the updates run on symbols
+    # once per solve (issue 17); no corrector after the last step
+    X, M, NEW = Lin(0), [Lin(j + 1) for j in range(order)], Lin(-1)
+    P = [unipc_update(g, X, i, M, k, variant, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))]
+    C = [unipc_update(g, X, i, M, k, variant, m_new=NEW, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))
+         if i < n - 2]
+    hist = [g.x0(dyn, x, 0)]
+    for i in range(n - 1):
+        x_pred = combine(P[i], (x, *hist))
+        m_new = g.x0(dyn, x_pred, i + 1)
+        if i < n - 2:
+            x_pred = combine(C[i], (x, *hist, m_new))
         x = x_pred
         hist = [m_new] + hist[:order - 1]
     return hist[0]

@@ -37,22 +37,29 @@ class ODEVariable:
         return y * _bc(self.sch.alpha(t), y) if self.name == "sigma_hat" else y
 
     def points(self, s) -> list[GridPoint]:
-        """What deriv needs at each variable value in s (t, alpha(t), d lambda/dt), evaluated in one call, so a
-        solver computes it once per grid (issue 17) and its step loop does tensor arithmetic only."""
+        """What deriv needs at each variable value in s (t, and alpha(t), or f(t), g^2/(2 sigma), d lambda/dt), from
+        the schedule in one call and as Python floats, so a solver computes it once per grid (issue 17) and its step
+        loop does tensor arithmetic only, with scalar coefficients."""
         s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
         t = self.t_of_s(s)
-        alpha = self.sch.alpha(t) if self.name == "sigma_hat" else [None] * len(t)
-        dlam = self.sch.d_lambda(t) if self.name == "lambda" else [None] * len(t)
-        return [GridPoint(*p) for p in zip(s, t, alpha, dlam)]
+        none = [None] * len(t)
+        alpha = floats(self.sch.alpha(t), t) if self.name == "sigma_hat" else none
+        f = floats(self.sch.f(t), t) if self.name != "sigma_hat" else none
+        c = floats(self.sch.g2(t) / (2 * self.sch.sigma(t)), t) if self.name != "sigma_hat" else none
+        dlam = floats(self.sch.d_lambda(t), t) if self.name == "lambda" else none
+        return [GridPoint(*p) for p in zip(s.tolist(), t.tolist(), alpha, f, c, dlam)]
 
     def deriv(self, s, y):
         """(dy/ds, eps) at variable value s (a number, or a GridPoint from `points`); one network evaluation."""
-        if isinstance(s, GridPoint):
-            t, alpha, dlam = s.t, s.alpha, s.dlam
-        else:                                   # a single value: evaluated here
-            t = self.t_of_s(torch.as_tensor(s, dtype=torch.float64))
-            alpha = self.sch.alpha(t) if self.name == "sigma_hat" else None
-            dlam = None
+        if isinstance(s, GridPoint):            # floats: fused tensor ops with scalar coefficients (issue 17)
+            if self.name == "sigma_hat":
+                eps = self.dyn.eps(y * s.alpha, s.t)                          # to_x(y, t)
+                return eps, eps
+            eps = self.dyn.eps(y, s.t)
+            dxdt = torch.add(y * s.f, eps, alpha=s.c)                         # f x + g^2/(2 sigma) eps (Song eq. 13)
+            return (dxdt if self.name == "t" else dxdt.div_(s.dlam)), eps
+        t = self.t_of_s(torch.as_tensor(s, dtype=torch.float64))   # a single value: evaluated here
+        alpha = self.sch.alpha(t) if self.name == "sigma_hat" else None
         x = y * _bc(alpha, y) if self.name == "sigma_hat" else y              # to_x(y, t)
         eps = self.dyn.eps(x, t)
         if self.name == "sigma_hat":
@@ -60,11 +67,19 @@ class ODEVariable:
         dxdt = self.dyn.ode_rhs(t, x, eps=eps)
         if self.name == "t":
             return dxdt, eps
-        return dxdt / _bc(self.sch.d_lambda(t) if dlam is None else dlam, x), eps
+        return dxdt / _bc(self.sch.d_lambda(t), x), eps
+
+
+def floats(v, t) -> list[float]:
+    """A schedule quantity evaluated on the grid tensor t, as Python floats (float64, exact; t is a host tensor, so
+    this is no device synchronisation), broadcast to t's length for a schedule that returns a constant."""
+    return torch.as_tensor(v, dtype=torch.float64).expand(t.shape).tolist()
 
 
 class GridPoint(NamedTuple):
-    s: torch.Tensor              # the variable's value
-    t: torch.Tensor              # the time it maps to
-    alpha: torch.Tensor | None   # alpha(t) (variable sigma_hat: x = alpha x_hat)
-    dlam: torch.Tensor | None    # d lambda / dt (variable lambda)
+    s: float                 # the variable's value
+    t: float                 # the time it maps to
+    alpha: float | None      # alpha(t) (variable sigma_hat: x = alpha x_hat)
+    f: float | None          # f(t) (variables t, lambda: dx/dt = f x + c eps)
+    c: float | None          # g^2(t) / (2 sigma(t))
+    dlam: float | None       # d lambda / dt (variable lambda)

@@ -1,0 +1,75 @@
+"""Per-step weights of linear updates, computed once per solve (issue 17).
+
+A multistep or exponential-integrator step is a linear combination of tensors (the state, past x0- or
+eps-predictions, the step's noise) with coefficients that depend on the time grid only.  The update formulas are
+written once, as the papers give them; run on `Lin` symbols before sampling they return each step's weights, and the
+step loop applies those with fused tensor ops (`combine`: one multiply and one add per term), so no scalar work and
+no temporary per coefficient remains inside the loop.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Lin:
+    """sum_k c_k v_k over named tensors v_k with Python-float coefficients c_k; supports +, -, scalar * and /, and
+    0 + Lin (Python's sum), which is all the update formulas use."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, c):
+        self.c = c if isinstance(c, dict) else {c: 1.0}
+
+    def __add__(self, o):
+        if not isinstance(o, Lin):
+            if o == 0:                       # sum()'s start value
+                return self
+            return NotImplemented
+        c = dict(self.c)
+        for k, v in o.c.items():
+            c[k] = c.get(k, 0.0) + v
+        return Lin(c)
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Lin({k: -v for k, v in self.c.items()})
+
+    def __sub__(self, o):
+        return self + (-o)
+
+    def __rsub__(self, o):
+        return (-self) + o
+
+    def __mul__(self, a):
+        if isinstance(a, Lin):
+            return NotImplemented            # a product of two tensors is not linear
+        a = float(a)
+        return Lin({k: v * a for k, v in self.c.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, a):
+        a = float(a)
+        return Lin({k: v / a for k, v in self.c.items()})
+
+    def terms(self, order=None) -> list[tuple]:
+        """[(name, coefficient)] without zero coefficients, names in `order` first (the state: the largest term)."""
+        names = [k for k in (order or ()) if k in self.c] + [k for k in self.c if k not in (order or ())]
+        return [(k, self.c[k]) for k in names if self.c[k] != 0.0]
+
+
+def combine(terms, vals):
+    """sum_k c_k vals[name_k] for terms [(name_k, c_k)] (Lin.terms): a new tensor, the inputs unchanged."""
+    (k0, c0), rest = terms[0], terms[1:]
+    v0 = vals[k0]
+    if c0 != 1.0:
+        out = v0.mul(c0)
+    elif rest:
+        (k1, c1), rest = rest[0], rest[1:]
+        out = v0.add(vals[k1], alpha=c1)
+    else:
+        out = v0.clone()
+    for k, c in rest:
+        out.add_(vals[k], alpha=c)
+    return out
