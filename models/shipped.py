@@ -11,9 +11,14 @@ from bench.models.registry import LoadedModel, register_model, schedule_from_cfg
 from bench.models.unet import ARCHS
 
 
+TRAIN_NAMES = {"digit_classifier": "classifier", "noisy_digit_classifier": "digits_noisy_classifier"}
+"""conf/train/NAME.yaml that writes an arch whose training name differs from its data set's."""
+
+
 def load_trained(path, what: str, expect_arch: str, expect_dataset: str) -> tuple[nn.Module, dict]:
     """Rebuild a network saved by models/train.py and load its weights; returns (net, training record)."""
-    hint = f"Recreate it with `python -m bench.models.train {expect_dataset if expect_arch != 'digit_classifier' else 'classifier'}`."
+    train_name = TRAIN_NAMES.get(expect_arch, expect_dataset)
+    hint = f"Recreate it with `python -m bench.models.train {train_name}`."
     ckpt = read_checkpoint(path, what, hint)
     p = resolve_path(path, what)
     if not isinstance(ckpt, dict) or not {"arch", "arch_kwargs", "state_dict"} <= set(ckpt):
@@ -33,6 +38,39 @@ def check_schedule(schedule, record: dict, path, what: str):
                        for k, v in schedule.describe().items() if k in trained and k != "T" and k != "t_min"):
         raise ConfigError(f"{what}: the network in '{path}' was trained under schedule {trained}, but the config "
                           f"asks for {schedule.describe()}; use the schedule it was trained under.")
+
+
+def load_noisy_classifier(path="models/weights/digits_noisy_classifier.pt", schedule=None) -> nn.Module:
+    """The noise-aware digits classifier (python -m bench.models.train digits_noisy_classifier): forward(x_t, t) ->
+    logits; eval mode, weights frozen (gradients wrt x_t still flow, as classifier guidance needs).  With a
+    schedule, it must be the one the classifier was trained under (ConfigError otherwise)."""
+    what = "noise-aware digits classifier"
+    net, record = load_trained(path, what, "noisy_digit_classifier", "digits")
+    if schedule is not None:
+        check_schedule(schedule, record, resolve_path(path, what), what)
+    net.record = record
+    return net.eval().requires_grad_(False)
+
+
+def guidance_classifier_loader(cfg: dict, schedule):
+    """A zero-argument loader (called when a run asks for classifier_scale) of the model's noise-aware classifier
+    `guidance_classifier` as a log-potential log p_t(y | x) (bench.models.classifier), or None where the config
+    names none."""
+    path = cfg.get("guidance_classifier")
+    if not path:
+        return None
+    loaded = {}
+
+    def load():
+        if "lp" not in loaded:
+            from pathlib import Path
+
+            from bench.models.classifier import ClassifierLogits
+
+            net = load_noisy_classifier(path, schedule)
+            loaded["lp"] = ClassifierLogits(net, net.n_classes, Path(str(path)).stem)
+        return loaded["lp"]
+    return load
 
 
 class DigitFeatures(nn.Module):
@@ -75,7 +113,8 @@ def load_digits(cfg: dict) -> LoadedModel:
             "train_loss": record.get("final_loss_ema100"), "classifier_test_accuracy": crec.get("test_accuracy")}
     return LoadedModel("digits", eps, schedule, shape, info=info, real_data=datasets.digits,
                        feature_net=DigitFeatures(classifier), dataset_id="sklearn-digits-8x8",
-                       data_range=(-1.0, 1.0), n_levels=datasets.DIGITS_LEVELS)
+                       data_range=(-1.0, 1.0), n_levels=datasets.DIGITS_LEVELS,
+                       guidance_classifier=guidance_classifier_loader(cfg, schedule))
 
 
 class CondEpsAdapter(EpsAdapter):
@@ -112,7 +151,8 @@ def load_digits_cond(cfg: dict) -> LoadedModel:
     return LoadedModel("digits_cond", eps, schedule, shape, info=info, real_data=datasets.digits,
                        feature_net=DigitFeatures(classifier), dataset_id="sklearn-digits-8x8",
                        data_range=(-1.0, 1.0), n_levels=datasets.DIGITS_LEVELS,
-                       n_classes=net.n_classes, null_label=net.null_label)
+                       n_classes=net.n_classes, null_label=net.null_label,
+                       guidance_classifier=guidance_classifier_loader(cfg, schedule))
 
 
 @register_model("toy2d")

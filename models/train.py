@@ -1,4 +1,4 @@
-"""Train the shipped networks from scratch:  python -m bench.models.train digits|toy2d|classifier [key=value ...]
+"""Train the shipped networks from scratch:  python -m bench.models.train NAME [key=value ...]  (NAME: conf/train/)
 
 Hyperparameters live in conf/train/NAME.yaml (override any as key=value); the noise schedule of an
 eps-model is read from conf/model/NAME.yaml, so the model is sampled under the schedule it was trained
@@ -56,11 +56,46 @@ def drop_labels(y, p_uncond: float, null_label: int, gen):
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+def random_shift(x, gen):
+    """The whole batch rolled by a random shift of up to one pixel in each direction (augmentation)."""
+    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
 def classifier_loss(net, x, y, gen):
     """Cross-entropy with a random shift of up to one pixel (augmentation)."""
-    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
-    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    return torch.nn.functional.cross_entropy(net(x), y)
+    return torch.nn.functional.cross_entropy(net(random_shift(x, gen)), y)
+
+
+def noisy_classifier_loss(net, schedule, x0, y, gen):
+    """Cross-entropy of a noise-aware classifier on x_t = alpha x0 + sigma eps, t ~ U(t_min, T), eps ~ N(0, I)
+    (the classifier of classifier guidance, Dhariwal & Nichol 2021, sec. 4), x0 shifted as in classifier_loss."""
+    x0 = random_shift(x0, gen)
+    n = x0.shape[0]
+    t = schedule.t_min + (schedule.T - schedule.t_min) * torch.rand(n, generator=gen, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=gen)
+    shape = (n,) + (1,) * (x0.dim() - 1)
+    a, s = schedule.alpha(t).float().reshape(shape), schedule.sigma(t).float().reshape(shape)
+    return torch.nn.functional.cross_entropy(net(a * x0 + s * eps, t.float()), y)
+
+
+ACCURACY_TIMES = (0.001, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ACCURACY_SEED = 0   # the fixed noise draw of noisy_accuracy
+
+
+def noisy_accuracy(classifier, schedule, times=ACCURACY_TIMES, split: str = "test", seed: int = ACCURACY_SEED):
+    """Held-out accuracy of a noise-aware classifier at each t, on x_t = alpha x0 + sigma eps with one fixed noise
+    draw eps (seeded; the same eps at every t); rows {t, sigma_over_alpha, accuracy, n}."""
+    x0, y = datasets.digits(split, with_labels=True)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for t in times:
+        tt = torch.full((len(x0),), float(t), dtype=torch.float64)
+        a, s = float(schedule.alpha(tt)[0]), float(schedule.sigma(tt)[0])
+        with torch.no_grad():
+            acc = float((classifier(a * x0 + s * eps, tt.float()).argmax(1) == y).float().mean())
+        rows.append({"t": float(t), "sigma_over_alpha": s / a, "accuracy": acc, "n": len(x0)})
+    return rows
 
 
 def train(name: str, overrides: dict | None = None) -> dict:
@@ -69,10 +104,11 @@ def train(name: str, overrides: dict | None = None) -> dict:
     torch.set_num_threads(cfg["threads"])
     torch.set_flush_denormal(True)
     gen = torch.Generator().manual_seed(cfg["seed"])
-    kinds = ("eps", "eps_cond", "classifier")
+    kinds = ("eps", "eps_cond", "classifier", "noisy_classifier")
     if cfg["kind"] not in kinds:
         raise SystemExit(f"conf/train/{name}.yaml: kind '{cfg['kind']}' is not one of {kinds}")
     is_eps, is_cond = cfg["kind"] in ("eps", "eps_cond"), cfg["kind"] == "eps_cond"
+    is_noisy = cfg["kind"] == "noisy_classifier"
     net = ARCHS[cfg["arch"]](**cfg["arch_kwargs"])
     if is_eps:
         model_cfg = load_yaml(CONF / "model" / f"{name}.yaml")
@@ -81,6 +117,9 @@ def train(name: str, overrides: dict | None = None) -> dict:
             x, y = datasets.DATASETS[cfg["dataset"]]("train", with_labels=True)
         else:
             x = datasets.DATASETS[cfg["dataset"]]("train")
+    elif is_noisy:   # noise-aware classifier: the schedule of the eps-model it guides, conf/model/<model>.yaml
+        schedule = schedule_from_cfg(load_yaml(CONF / "model" / f"{cfg['model']}.yaml"))
+        x, y = datasets.DATASETS[cfg["dataset"]]("train", with_labels=True)
     else:
         x, y = datasets.digits("train", with_labels=True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -99,6 +138,8 @@ def train(name: str, overrides: dict | None = None) -> dict:
             loss = eps_loss(net, schedule, x[idx], gen, cond)
         elif is_eps:
             loss = eps_loss(net, schedule, x[idx], gen)
+        elif is_noisy:
+            loss = noisy_classifier_loss(net, schedule, x[idx], y[idx], gen)
         else:
             loss = classifier_loss(net, x[idx], y[idx], gen)
         opt.zero_grad(set_to_none=True)
@@ -121,6 +162,11 @@ def train(name: str, overrides: dict | None = None) -> dict:
                       "n_params": n_params, "torch": str(torch.__version__), "threads": cfg["threads"]}
             if is_eps:
                 record["schedule"] = schedule.describe()
+            elif is_noisy:
+                record["schedule"] = schedule.describe()
+                record["test_accuracy_by_t"] = noisy_accuracy(ema, schedule)
+                print("held-out accuracy by t: " + ", ".join(f"{r['t']:g}: {r['accuracy']:.4f}"
+                                                              for r in record["test_accuracy_by_t"]), flush=True)
             else:
                 record["test_accuracy"] = accuracy(ema)
                 print(f"held-out accuracy {record['test_accuracy']:.4f}", flush=True)

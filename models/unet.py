@@ -139,4 +139,38 @@ class DigitClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-ARCHS = {"unet": UNet, "mlp": MLPEps, "digit_classifier": DigitClassifier}
+class NoisyDigitClassifier(nn.Module):
+    """Noise-aware classifier p_t(y | x_t) for classifier guidance: the UNet's encoder half (ResBlocks with the time
+    embedding added, strided-conv downsampling) and a GroupNorm-SiLU-mean-pool-linear head (Dhariwal & Nichol 2021,
+    sec. 4 and app. C).  forward(x, t) -> logits (B, n_classes), x = x_t in data units, t the schedule time (B,)
+    (a 0-d t is broadcast).  SiLU and mean pooling only, so grad_x log p_t(y | x) is smooth."""
+
+    def __init__(self, in_ch: int = 1, base: int = 32, mults=(1, 2), t_dim: int = 64, n_classes: int = 10):
+        super().__init__()
+        self.config = {"in_ch": in_ch, "base": base, "mults": list(mults), "t_dim": t_dim, "n_classes": n_classes}
+        self.n_classes = int(n_classes)
+        chs = [base * m for m in mults]
+        self.time = TimeMLP(t_dim // 2, t_dim)
+        self.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        c = chs[0]
+        for i, co in enumerate(chs):
+            self.down.append(ResBlock(c, co, t_dim))
+            c = co
+            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chs) - 1 else nn.Identity())
+        self.norm_out = nn.GroupNorm(8, c)
+        self.head = nn.Linear(c, self.n_classes)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        temb = self.time(t)
+        h = self.conv_in(x)
+        for block, down in zip(self.down, self.downsample):
+            h = down(block(h, temb))
+        h = nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))
+        return self.head(h)
+
+
+ARCHS = {"unet": UNet, "mlp": MLPEps, "digit_classifier": DigitClassifier,
+         "noisy_digit_classifier": NoisyDigitClassifier}
