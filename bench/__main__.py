@@ -24,6 +24,8 @@ commands:
   overhead  solver overhead: wall time / (counted NFE x one network forward)
   optimize-steps  time steps optimised for a model, solver and NFE (GITS or step-doubling LTE), written as a
             timesteps=explicit YAML:  python -m bench optimize-steps model=gmm solver=dpm_solver_pp nfe=6 method=gits
+  orderings  the published orderings table (issue 15): 7 solvers x NFE 4-20 on gmm and digits, preferred and
+            optimised time steps:  python -m bench orderings results_dir=DIR
 
 shell completion (bash, zsh, fish):  eval "$(bench -sc install=bash)"
 """
@@ -219,6 +221,7 @@ COMMANDS = {
     "merge": _lazy("bench.compare", "cmd_merge", key_value=True),
     "overhead": _lazy("bench.overhead", "main"),
     "optimize-steps": _lazy("bench.optimize_steps", "main"),
+    "orderings": _lazy("bench.orderings", "main", key_value=True),
 }
 
 

@@ -19,6 +19,9 @@ GITS does whatever the sampler: a multistep or higher-order solver then runs on 
   on the fine grid from x_T (a float64 dopri5 solve, the machinery of the trunc metric); cost(i, j) = error of the
   step from the teacher at t_i to t_j against the teacher at t_j; dynamic programming for the cheapest path from
   T to t_min with exactly steps - 1 intervals.  Network evaluations: the teacher's, plus one per fine point.
+  The teacher (states, eps and the cost matrix) depends on neither the solver nor the NFE, only on the model, the
+  calibration x_T, the fine grid and teacher_rtol: it is cached under results_dir/cache/gits_teacher/ (teacher_key),
+  so every solver sharing a default spacing reuses it, and with fine_points fixed every NFE does too.
 - lte (no teacher trajectories): the same step's local truncation error estimated by step doubling (Richardson:
   for a first-order step the error of the full step is twice its difference from two half steps, halved in
   lambda), started from noised data x_t = alpha x0 + sigma eps (exact samples on gmm, the train split on digits),
@@ -29,6 +32,7 @@ GITS does whatever the sampler: a multistep or higher-order solver then runs on 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from pathlib import Path
 
@@ -63,10 +67,15 @@ def check_knobs(k: dict) -> dict:
     if k["cost_solver"] not in COST_SOLVERS:
         raise ConfigError(f"optimize-steps: cost_solver must be one of {', '.join(COST_SOLVERS)}, got "
                           f"{k['cost_solver']!r}")
-    for key, lo in (("n_calib", 2), ("fine_per_step", 1), ("sweeps", 1), ("calib_seed", 0)):
+    for key, lo in (("n_calib", 2), ("fine_per_step", 1), ("sweeps", 1), ("calib_seed", 0), ("fine_points", 2)):
         v = k[key]
+        if key == "fine_points" and v is None:
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ConfigError(f"optimize-steps: {key} must be an integer >= {lo}, got {v!r}")
+            raise ConfigError(f"optimize-steps: {key} must be an integer >= {lo}"
+                              f"{' or null' if key == 'fine_points' else ''}, got {v!r}")
+    if not isinstance(k["teacher_cache"], bool):
+        raise ConfigError(f"optimize-steps: teacher_cache must be true or false, got {k['teacher_cache']!r}")
     r = k["teacher_rtol"]
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
         raise ConfigError(f"optimize-steps: teacher_rtol must be a number in (0, 1), got {r!r}")
@@ -121,22 +130,80 @@ def _rms_each(a, b):
     return torch.sqrt(((a.double() - b.double()) ** 2).flatten(1).mean(1))
 
 
-def gits_costs(net, schedule, x_T, fine_t, rtol: float):
-    """(cost matrix (M, M), teacher NFE, cost NFE): cost[i, j] = RMS of the DDIM step from the teacher at t_i to
-    t_j against the teacher at t_j (GITS, sec. 4.1), teacher = float64 dopri5 at rtol = atol."""
+def gits_teacher(net, schedule, x_T, fine_t, rtol: float) -> dict:
+    """The data of GITS' cost (sec. 4.1): teacher states x (M, n, ...) at the fine grid (float64 dopri5 at
+    rtol = atol, the trunc metric's reference_trajectory), eps at every fine point but the last (M - 1, n, ...),
+    the cost matrix of the DDIM step (see ddim_costs), and the network evaluations and wall time they took."""
     from bench.metrics.trunc import reference_trajectory
     from bench.models.dynamics import Dynamics
 
+    t0 = time.perf_counter()
     with torch.inference_mode():
         traj, nfe_teacher = reference_trajectory(net, schedule, x_T.to(torch.float64), fine_t, rtol, rtol)
         dyn = Dynamics(net, schedule)
-        M = len(fine_t)
-        cost = np.full((M, M), np.inf)
+        eps = torch.stack([dyn.eps(traj[i], float(fine_t[i])) for i in range(len(fine_t) - 1)])
+    cost = torch.from_numpy(ddim_costs(schedule, traj, eps, fine_t))
+    return {"x": traj.cpu(), "eps": eps.to(torch.float64).cpu(), "cost": cost, "nfe_teacher": int(nfe_teacher),
+            "nfe_eps": int(dyn.nfe), "wall_time_s": time.perf_counter() - t0}
+
+
+def ddim_costs(schedule, traj, eps, fine_t) -> np.ndarray:
+    """cost[i, j] (i < j; inf elsewhere) = RMS of the DDIM step from the teacher at t_i to t_j against the teacher
+    at t_j (GITS, sec. 4.1)."""
+    M = len(fine_t)
+    cost = np.full((M, M), np.inf)
+    with torch.inference_mode():
         for i in range(M - 1):
-            eps = dyn.eps(traj[i], float(fine_t[i]))
-            xs = ddim_step(schedule, traj[i], eps, fine_t[i], fine_t[i + 1:])
+            xs = ddim_step(schedule, traj[i], eps[i], fine_t[i], fine_t[i + 1:])
             cost[i, i + 1:] = _rms_each(xs, traj[i + 1:]).numpy()
-    return cost, nfe_teacher, dyn.nfe
+    return cost
+
+
+TEACHER_KIND = "gits_teacher"       # results_dir/cache/gits_teacher/<hash>.pt (bench.metrics.cache)
+
+
+def teacher_key(model_cfg, model, x_T, fine_t, k: dict) -> dict:
+    """What the teacher data depend on: the model (config and weights), the calibration x_T (seed, size and content),
+    the fine grid (content), the teacher's tolerance and the cost step."""
+    from bench.metrics.cache import model_fingerprint, tensor_hash
+    ft = torch.as_tensor(fine_t, dtype=torch.float64)
+    return {"model": model_cfg, "weights": model_fingerprint(model), "calib_seed": k["calib_seed"],
+            "n_calib": k["n_calib"], "x_T": tensor_hash(x_T), "fine_points": len(ft),
+            "fine_t": [float(ft[0]), float(ft[-1]), tensor_hash(ft)], "teacher": "dopri5", "dtype": "float64",
+            "rtol": k["teacher_rtol"], "atol": k["teacher_rtol"], "cost_solver": k["cost_solver"]}
+
+
+def _teacher_ok(d, M: int, x_T) -> bool:
+    n_shape = tuple(x_T.shape)
+    return (isinstance(d, dict) and all(torch.is_tensor(d.get(a)) for a in ("x", "eps", "cost"))
+            and tuple(d["x"].shape) == (M, *n_shape) and tuple(d["eps"].shape) == (M - 1, *n_shape)
+            and tuple(d["cost"].shape) == (M, M) and all(isinstance(d.get(a), (int, float))
+                                                         for a in ("nfe_teacher", "nfe_eps", "wall_time_s")))
+
+
+def cached_teacher(results_dir, model_cfg, model, x_T, fine_t, k: dict) -> tuple[dict, bool]:
+    """(gits_teacher data, whether they came from the cache).  With k['teacher_cache'], shared by every search with
+    the same teacher_key (other solvers with the same default spacing, other NFE with fine_points fixed): stored
+    atomically under results_dir/cache/gits_teacher/, read with weights_only (a planted pickle or a corrupt file is
+    refused and recomputed), and checked for the shapes this search needs."""
+    from bench import fsio
+    from bench.metrics.cache import cached, computed, key_hash
+    M = len(fine_t)
+    compute = lambda: gits_teacher(model.net, model.schedule, x_T, fine_t, k["teacher_rtol"])  # noqa: E731
+    if not k["teacher_cache"]:
+        return compute(), False
+    key = teacher_key(model_cfg, model, x_T, fine_t, k)
+    miss = []
+    d = cached(results_dir, TEACHER_KIND, key, lambda: miss.append(1) or compute())
+    if not _teacher_ok(d, M, x_T):
+        path = Path(results_dir) / "cache" / TEACHER_KIND / f"{key_hash(key)}.pt"
+        fsio.warn_once(f"cache:{path}", f"cache entry ({TEACHER_KIND}) '{path}' does not hold the teacher data of "
+                                        f"this search; recomputing it")
+        computed[TEACHER_KIND] += 1
+        d, miss = compute(), [1]
+        norm_key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        fsio.atomic_write(path, lambda f: torch.save({"key": norm_key, "value": d}, f))
+    return d, not miss
 
 
 class LTECost:
@@ -215,19 +282,23 @@ def model_digest(model_cfg) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the search
-def _search(k, model, fine_t, start, steps, dtype):
+def _search(k, model, fine_t, start, steps, dtype, cfg=None):
     """(path, objective value, objective function of a path, record, network evaluations) of k['method']."""
     from bench.solvers.rng import PerSampleRNG
     if k["method"] == "gits":
         x_T = PerSampleRNG(k["calib_seed"], range(k["n_calib"]), dtype=torch.float64).randn(model.shape) \
             * model.schedule.prior_std()
-        cost, nfe_teacher, nfe_cost = gits_costs(model.net, model.schedule, x_T, fine_t, k["teacher_rtol"])
+        cfg = cfg or {}
+        d, hit = cached_teacher(cfg.get("results_dir", "results"), cfg.get("model"), model, x_T, fine_t, k)
+        cost = d["cost"].numpy()
         path, total = dp_min_path(cost, steps - 1)
         obj = lambda p: float(sum(cost[a, b] for a, b in zip(p, p[1:])))  # noqa: E731
         extra = {"teacher": {"method": "dopri5", "dtype": "float64", "rtol": k["teacher_rtol"],
-                             "atol": k["teacher_rtol"], "nfe": nfe_teacher},
+                             "atol": k["teacher_rtol"], "nfe": d["nfe_teacher"], "eps_nfe": d["nfe_eps"],
+                             "cached": hit, "wall_time_s": round(float(d["wall_time_s"]), 2)},
+                 "network_evals_this_search": 0 if hit else d["nfe_teacher"] + d["nfe_eps"],
                  "objective": "sum over steps of RMS(DDIM step from the teacher at t_i - teacher at t_j), x_t space"}
-        nfe = nfe_teacher + nfe_cost
+        nfe = d["nfe_teacher"] + d["nfe_eps"]
     else:
         x0 = calibration_data(model, k["n_calib"], k["calib_seed"]).to(dtype)
         noise = PerSampleRNG(k["calib_seed"], range(k["n_calib"]), dtype=dtype).randn(model.shape)
@@ -273,17 +344,22 @@ def optimize(cfg: dict, knobs: dict) -> dict:
                           f"network only and is not implemented for conditional models")
     if k["method"] == "gits":
         check_float64(model)
-    M = k["fine_per_step"] * (steps - 1) + 1
+    M = k["fine_per_step"] * (steps - 1) + 1 if k["fine_points"] is None else k["fine_points"]
+    if M < steps:
+        raise ConfigError(f"optimize-steps: fine_points={M} is fewer than the {steps} points of solver '{spec.name}' "
+                          f"at nfe={cfg['nfe']}; use fine_points >= {steps} (or null)")
     fine_t = make_timesteps(fine_ts, model.schedule, M)
     default_t = make_timesteps(default_ts, model.schedule, steps)
-    nested = [i * k["fine_per_step"] for i in range(steps)]
-    contains_default = fine_ts == default_ts and bool(torch.allclose(fine_t[nested], default_t, rtol=1e-9, atol=0))
+    per = (M - 1) // (steps - 1)
+    nested = [i * per for i in range(steps)]
+    contains_default = (fine_ts == default_ts and per * (steps - 1) == M - 1
+                        and bool(torch.allclose(fine_t[nested], default_t, rtol=1e-9, atol=0)))
     start = nested if contains_default else sorted({int(torch.argmin((fine_t - v).abs())) for v in default_t})
     if len(start) != steps or start[0] != 0 or start[-1] != M - 1:
         start = [round(i * (M - 1) / (steps - 1)) for i in range(steps)]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        path, total, obj, extra, nfe = _search(k, model, fine_t, start, steps, dtype)
+        path, total, obj, extra, nfe = _search(k, model, fine_t, start, steps, dtype, cfg)
         default_obj = obj(start) if contains_default else None
     wall = time.perf_counter() - t0
     t = fine_t[path]
@@ -386,11 +462,12 @@ def resolve_grid(cfg: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- command line
-USAGE = """usage: python -m bench optimize-steps model=NAME solver=NAME nfe=N [method=gits|lte] [knob=value ...]
+USAGE = """usage: python -m bench optimize-steps model=NAME solver=NAME nfe=N[,N...] [method=gits|lte] [knob=value ...]
                                        [any override of `run`: solver.order=3, results_dir=DIR, dtype=...]
 
 Searches a time grid for the model, solver and NFE on a calibration set and writes
 results_dir/steps/timesteps/NAME.yaml, usable as `timesteps=explicit timesteps.file=PATH`.
+Several budgets (nfe=4,5,6) are searched one after the other; with fine_points=M they share one teacher.
 Knobs (conf/optimize.yaml): """
 
 
@@ -428,22 +505,51 @@ def main(args=None) -> int:
     err = check_overrides(overrides) or check_group_choices(overrides)
     if err:
         raise ConfigError(err)
-    cfg = config(*overrides)
-    fsio.check_results_dir(cfg["results_dir"])
+    budgets = nfe_budgets(overrides)
+    if len(budgets) > 1 and k["name"] is not None:
+        raise ConfigError(f"optimize-steps: name={k['name']} names one artifact, and nfe={','.join(budgets)} asks "
+                          f"for {len(budgets)}; drop name= (each is then MODEL-SOLVER-nfeN-METHOD)")
+    cfgs = [config(*[a for a in overrides if a.partition("=")[0] != "nfe"], *([f"nfe={n}"] if n else []))
+            for n in budgets]
     from bench.solvers.registry import solver_from_cfg
-    spec, _ = solver_from_cfg(cfg["solver"])
-    name = k["name"] or f"{cfg['model'].get('name')}-{spec.name}-nfe{cfg['nfe']}-{k['method']}"
-    artifact_path(cfg["results_dir"], name)          # a bad name fails before the search
-    t0 = time.perf_counter()
-    art = optimize(cfg, k)
-    path = write_artifact(cfg["results_dir"], name, art)
-    s = art["source"]
-    print(f"wrote {path}\n  method {s['method']}: {s['steps']} points on a fine grid of {s['fine_points']} "
-          f"({s['fine_timesteps']}); sigma_hat = {s['sigma_hat']}\n  objective {s['objective_value']:.4g} "
-          f"(default {s['default_timesteps']} grid: {s['objective_default_grid']})\n  search: "
-          f"{s['search_wall_time_s']:.1f} s, {s['search_nfe']} NFE x {s['n_calib']} calibration samples "
-          f"(seed {s['calib_seed']}); total {time.perf_counter() - t0:.1f} s")
+    for cfg in cfgs:                                  # every budget and name checked before the first search
+        fsio.check_results_dir(cfg["results_dir"])
+        spec, sknobs = solver_from_cfg(cfg["solver"])
+        spec.steps_for(cfg["nfe"], **sknobs)
+        artifact_path(cfg["results_dir"], _artifact_name(cfg, spec, k))
+    for cfg in cfgs:
+        name = _artifact_name(cfg, solver_from_cfg(cfg["solver"])[0], k)
+        t0 = time.perf_counter()
+        art = optimize(cfg, k)
+        path = write_artifact(cfg["results_dir"], name, art)
+        s = art["source"]
+        cache = ""
+        if "teacher" in s:
+            cache = (f"; teacher {'from the cache' if s['teacher']['cached'] else 'computed'} ({s['teacher']['nfe']} + "
+                     f"{s['teacher']['eps_nfe']} NFE, {s['teacher']['wall_time_s']:.1f} s when computed)")
+        print(f"wrote {path}\n  method {s['method']}: {s['steps']} points on a fine grid of {s['fine_points']} "
+              f"({s['fine_timesteps']}); sigma_hat = {s['sigma_hat']}\n  objective {s['objective_value']:.4g} "
+              f"(default {s['default_timesteps']} grid: {s['objective_default_grid']})\n  search: "
+              f"{s['search_wall_time_s']:.1f} s, {s['search_nfe']} NFE x {s['n_calib']} calibration samples "
+              f"(seed {s['calib_seed']}){cache}; total {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _artifact_name(cfg, spec, k) -> str:
+    return k["name"] or f"{cfg['model'].get('name')}-{spec.name}-nfe{cfg['nfe']}-{k['method']}"
+
+
+def nfe_budgets(overrides) -> list[str]:
+    """The budgets of an nfe=4,5,6 override (one search each, in order; they share a cached teacher where their
+    fine grids agree, see fine_points); [''] when nfe is not overridden (the config's default)."""
+    vals = [a.partition("=")[2] for a in overrides if a.partition("=")[0] == "nfe"]
+    if not vals:
+        return [""]
+    out = [v.strip() for v in vals[-1].split(",")]
+    if not all(v.isdigit() for v in out):
+        raise ConfigError(f"optimize-steps: nfe must be an integer or a comma-separated list of them (nfe=4,5,6), "
+                          f"got nfe={vals[-1]}")
+    return out
 
 
 if __name__ == "__main__":

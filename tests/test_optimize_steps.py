@@ -202,3 +202,137 @@ def test_optimised_grid_lowers_trunc_on_gmm(tmp_path, method):
     d = ((out_opt.x0 - ref) ** 2).flatten(1).mean(1) - ((out_def.x0 - ref) ** 2).flatten(1).mean(1)
     assert float(d.mean()) < -2 * float(d.std() / math.sqrt(len(d))), (e_opt, se_opt, e_def, se_def)
     assert e_opt < e_def
+
+
+# ------------------------------------------------------------------------------------------------ the teacher cache
+def _gmm_cfg(tmp_path, nfe=6, **model):
+    from bench.api import config
+    cfg = config(model="gmm", solver={"name": "dpm_solver_pp", "order": 3}, nfe=nfe, results_dir=str(tmp_path))
+    cfg["model"].update(model)
+    return cfg
+
+
+SMALL = {"n_calib": 8, "fine_points": 25}
+
+
+def test_teacher_cache_reused_across_budgets_same_grid(tmp_path, monkeypatch):
+    """Two searches (NFE 6, then 4) with a fixed fine grid: the teacher is solved once (cache misses 1, and the
+    network is called only during the first search), and each grid equals the one found without the cache."""
+    from bench.metrics import cache
+    from bench.models import dynamics
+    from bench.optimize_steps import optimize
+
+    calls = []
+    orig = dynamics.Dynamics.eps
+    monkeypatch.setattr(dynamics.Dynamics, "eps",
+                        lambda self, x, t, *a, **kw: calls.append(1) or orig(self, x, t, *a, **kw))
+    before = cache.computed["gits_teacher"]
+    first = optimize(_gmm_cfg(tmp_path, 6), SMALL)
+    n_first = len(calls)
+    second = optimize(_gmm_cfg(tmp_path, 4), SMALL)
+    assert cache.computed["gits_teacher"] - before == 1
+    assert n_first == first["source"]["search_nfe"] > 0 and len(calls) == n_first     # no evaluation on a hit
+    assert not first["source"]["teacher"]["cached"] and second["source"]["teacher"]["cached"]
+    assert second["source"]["network_evals_this_search"] == 0 and second["source"]["search_nfe"] == n_first
+    for art, nfe in ((first, 6), (second, 4)):
+        fresh = optimize(_gmm_cfg(tmp_path / "nocache", nfe), {**SMALL, "teacher_cache": False})
+        assert art["t"] == fresh["t"] and len(art["t"]) == nfe
+        assert art["source"]["objective_value"] == fresh["source"]["objective_value"]
+    assert not (tmp_path / "nocache" / "cache").exists()
+
+
+class _Plant:
+    def __reduce__(self):
+        import os
+        return (os.mkdir, (os.environ["BENCH_TEST_PLANT_MARK"],))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["pickle", "garbage", "wrong_shapes"])
+def test_planted_or_corrupt_teacher_entry_is_recomputed(tmp_path, monkeypatch, kind):
+    """A file at the entry's path that needs pickle (its code would create a directory), is not a torch file, or
+    holds the right key with data of other shapes: never unpickled, recomputed, same grid as a clean search."""
+    import pickle
+
+    from bench.metrics import cache
+    from bench.optimize_steps import TEACHER_KIND, optimize
+
+    clean = optimize(_gmm_cfg(tmp_path / "clean"), SMALL)
+    (entry,) = (tmp_path / "clean" / "cache" / TEACHER_KIND).glob("*.pt")
+    path = tmp_path / "r" / "cache" / TEACHER_KIND / entry.name
+    path.parent.mkdir(parents=True)
+    mark = tmp_path / "planted-code-ran"
+    monkeypatch.setenv("BENCH_TEST_PLANT_MARK", str(mark))
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"key": None, "value": _Plant()}))
+    elif kind == "garbage":
+        path.write_bytes(b"\x00not a torch file" * 10)
+    else:
+        good = torch.load(entry, weights_only=True)
+        good["value"]["x"] = good["value"]["x"][:3]
+        torch.save(good, path)
+    before = cache.computed[TEACHER_KIND]
+    art = optimize(_gmm_cfg(tmp_path / "r"), SMALL)
+    assert not mark.exists()
+    assert cache.computed[TEACHER_KIND] - before == 1 and not art["source"]["teacher"]["cached"]
+    assert art["t"] == clean["t"]
+    again = optimize(_gmm_cfg(tmp_path / "r"), SMALL)          # the rewritten entry is now a hit
+    assert again["source"]["teacher"]["cached"] and again["t"] == clean["t"]
+
+
+def test_teacher_key_changes_with_model_seed_and_grid(gmm_model):
+    from bench.metrics.cache import key_hash
+    from bench.optimize_steps import teacher_key
+
+    k = check_knobs({})
+    x_T = torch.randn(4, 4, dtype=torch.float64)
+    t = torch.linspace(1.0, 1e-3, 9, dtype=torch.float64)
+    base = key_hash(teacher_key(GMM_CFG, gmm_model, x_T, t, k))
+    assert base == key_hash(teacher_key(dict(GMM_CFG), gmm_model, x_T.clone(), t.clone(), dict(k)))
+    others = [teacher_key({**GMM_CFG, "seed": 1}, gmm_model, x_T, t, k),
+              teacher_key({**GMM_CFG, "schedule": {"name": "vp_cosine"}}, gmm_model, x_T, t, k),
+              teacher_key(GMM_CFG, gmm_model, x_T, t, {**k, "calib_seed": 1001}),
+              teacher_key(GMM_CFG, gmm_model, x_T, t, {**k, "n_calib": 65}),
+              teacher_key(GMM_CFG, gmm_model, x_T, t, {**k, "teacher_rtol": 1e-6}),
+              teacher_key(GMM_CFG, gmm_model, x_T + 1e-12, t, k),
+              teacher_key(GMM_CFG, gmm_model, x_T, torch.linspace(1.0, 1e-3, 10, dtype=torch.float64), k),
+              teacher_key(GMM_CFG, gmm_model, x_T, t * (1 - 1e-12), k)]
+    hashes = [key_hash(o) for o in others]
+    assert base not in hashes and len(set(hashes)) == len(hashes)
+
+
+def test_fine_points_and_budget_knobs_checked(tmp_path):
+    from bench.optimize_steps import main, nfe_budgets, optimize
+
+    with pytest.raises(ConfigError, match="fine_points must be an integer >= 2 or null"):
+        check_knobs({"fine_points": 1})
+    with pytest.raises(ConfigError, match="teacher_cache must be true or false"):
+        check_knobs({"teacher_cache": "yes"})
+    with pytest.raises(ConfigError, match="fine_points=5 is fewer than the 6 points"):
+        optimize(_gmm_cfg(tmp_path, 6), {"fine_points": 5})
+    assert nfe_budgets(["model=gmm", "nfe=4,5, 20"]) == ["4", "5", "20"] and nfe_budgets(["model=gmm"]) == [""]
+    with pytest.raises(ConfigError, match="comma-separated list"):
+        nfe_budgets(["nfe=4,x"])
+    with pytest.raises(ConfigError, match="names one artifact"):
+        main(["model=gmm", "solver=euler", "nfe=4,5", "name=g", f"results_dir={tmp_path}"])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_orderings_markdown_marks_the_best_of_each_grid_kind():
+    """bench.orderings.markdown: 'preferred / optimised (counted NFE)', the smallest of each kind per model and NFE in
+    bold, and one cost row per distinct teacher (model, spacing, fine points) counting the grids found from it."""
+    from bench.orderings import markdown
+    src = lambda sp, cached: {"fine_timesteps": sp, "fine_points": 241, "search_wall_time_s": 0.01,  # noqa: E731
+                              "teacher": {"nfe": 350, "eps_nfe": 240, "wall_time_s": 114.5, "cached": cached}}
+    cells = [{"model": "digits", "label": "A", "nfe": 4, "pref": {"trunc_rms": 0.5}, "opt": {"trunc_rms": 0.2, "nfe": 4},
+              "search": src("edm", False)},
+             {"model": "digits", "label": "B", "nfe": 4, "pref": {"trunc_rms": 0.4}, "opt": {"trunc_rms": 150.2, "nfe": 3},
+              "search": src("edm", True)},
+             {"model": "digits", "label": "C", "nfe": 4, "pref": {"trunc_rms": None}, "opt": {"trunc_rms": 0.3, "nfe": 4},
+              "search": src("logsnr", False)}]
+    lines = markdown(cells).splitlines()
+    assert lines[2] == "| digits | A | 0.5 / **0.2** (4) |"
+    assert lines[3] == "| digits | B | **0.4** / 150 (3) |"
+    assert lines[4] == "| digits | C | - / 0.3 (4) |"
+    assert "| digits | edm, 241 | 350 + 240 | 114.5 s | 2 | 0.01 s |" in lines
+    assert "| digits | logsnr, 241 | 350 + 240 | 114.5 s | 1 | - |" in lines
