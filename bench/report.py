@@ -48,6 +48,8 @@ def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     df["label"] = df["label"] + " [" + df["timesteps"].astype(str) + "]"
     if "guidance_scale" in df.columns:       # conditional models: each guidance scale is its own line
         df["label"] = df["label"] + [f" s={float(v):g}" if pd.notna(v) else "" for v in df["guidance_scale"]]
+    if "classifier_scale" in df.columns:     # classifier guidance: each classifier scale is its own line
+        df["label"] = df["label"] + [f" cg={float(v):g}" if pd.notna(v) else "" for v in df["classifier_scale"]]
     return df
 
 

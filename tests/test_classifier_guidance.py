@@ -99,6 +99,10 @@ def test_counts_classifier_evaluations_in_their_own_column(tmp_path):
     assert rows[2.0]["classifier"] == "exact_posterior" and rows[2.0]["classifier_scale"] == 2.0
     assert "classifier_scale" not in plain and plain.get("classifier_evals") is None
     assert len({rows[0.0]["key"], rows[2.0]["key"], plain["key"]}) == 3
+    from bench import store
+    from bench.report import newest_per_cell
+    labels = sorted(newest_per_cell(store.load_runs(tmp_path))["label"])      # each scale its own report line
+    assert len(labels) == 3 and sum("cg=2" in v for v in labels) == 1 and sum("cg=0" in v for v in labels) == 1
 
 
 def test_identity_has_the_classifier_only_when_guided():
