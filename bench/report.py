@@ -37,6 +37,20 @@ def solver_label(row) -> str:
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _timesteps_label(row) -> str:
+    """The row's time steps; an optimised grid (timesteps=explicit with an optimize-steps source) says so."""
+    ts = str(row["timesteps"])
+    cfg = row.get("config")
+    try:
+        cfg = json.loads(cfg) if isinstance(cfg, str) else (cfg or {})
+    except ValueError:
+        cfg = {}
+    src = ((cfg.get("timesteps") or {}) if isinstance(cfg, dict) else {}).get("source") or {}
+    if ts == "explicit" and isinstance(src, dict) and src.get("method"):
+        return f"explicit: {src['method']}-optimised for nfe={src.get('nfe')}, calibration seed {src.get('calib_seed')}"
+    return ts
+
+
 def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     """Finished rows, the newest per cell (`cell` = the identity without the code version: a rerun of the same
     cell replaces it); rows of different seeds or sample counts stay separate rows."""
@@ -45,7 +59,7 @@ def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
         return df
     df = df.sort_values("id").drop_duplicates("cell", keep="last")
     df["label"] = [solver_label(r) for _, r in df.iterrows()]
-    df["label"] = df["label"] + " [" + df["timesteps"].astype(str) + "]"
+    df["label"] = df["label"] + " [" + [_timesteps_label(r) for _, r in df.iterrows()] + "]"
     if "guidance_scale" in df.columns:       # conditional models: each guidance scale is its own line
         df["label"] = df["label"] + [f" s={float(v):g}" if pd.notna(v) else "" for v in df["guidance_scale"]]
     if "classifier_scale" in df.columns:     # classifier guidance: each classifier scale is its own line

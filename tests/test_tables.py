@@ -168,3 +168,15 @@ def test_trunc_se_against_the_spread_over_seeds(gmm_model):
         ses.append(se)
     ratio = float(np.mean(ses)) / float(np.std(vals, ddof=1))
     assert 0.6 < ratio < 1.6, ratio
+
+
+def test_report_labels_name_an_optimised_grid(tmp_path):
+    src = {"by": "bench optimize-steps", "method": "gits", "nfe": 6, "calib_seed": 1000}
+    store.record(tmp_path, {**_row("a", "euler", 6, 0, 64, 0.3, 0.01), "timesteps": "explicit",
+                            "config": {"timesteps": {"name": "explicit", "t": [1.0, 0.5, 0.001], "source": src}}})
+    store.record(tmp_path, {**_row("b", "euler", 6, 0, 64, 0.4, 0.01), "timesteps": "explicit",
+                            "config": {"timesteps": {"name": "explicit", "t": [1.0, 0.4, 0.001]}}})
+    store.record(tmp_path, _row("c", "euler", 6, 0, 64, 0.5, 0.01))
+    labels = sorted(rep.newest_per_cell(store.load_runs(tmp_path))["label"])
+    assert labels == ["euler [edm]", "euler [explicit: gits-optimised for nfe=6, calibration seed 1000]",
+                      "euler [explicit]"]
