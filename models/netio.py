@@ -146,6 +146,28 @@ def check_float64(model) -> None:
 _COMPILED: dict = {}
 
 
+_BACKENDS_OK: set = set()
+
+
+def _probe_backend(backend: str):
+    """Compile and run a two-op function with `backend` once per process, so that a backend that cannot work here
+    (inductor without a C++ compiler) is a ConfigError before any work, not a failed cell after the set-up."""
+    if backend in _BACKENDS_OK:
+        return
+    try:
+        out = torch.compile(lambda x: x * 2.0 + 1.0, backend=backend)(torch.ones(4))
+        ok = torch.equal(out, torch.full((4,), 3.0))
+    except Exception as e:  # noqa: BLE001  (any failure of the compiler stack means: not usable here)
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ConfigError(f"compile: torch.compile with backend '{backend}' (compile=true is inductor) does not work here "
+                          f"({type(e).__name__}: {msg}). Use compile=false, or a backend that needs no C++ compiler "
+                          f"(compile=eager or aot_eager: graph capture only, no speed-up).") from None
+    if not ok:
+        raise ConfigError(f"compile: torch.compile with backend '{backend}' computes 2 x + 1 wrongly here; "
+                          f"use compile=false.")
+    _BACKENDS_OK.add(backend)
+
+
 def compile_model(model, backend):
     """The LoadedModel with torch.compile applied to its network, once per process; backend True = inductor."""
     import dataclasses
@@ -159,6 +181,7 @@ def compile_model(model, backend):
     if backend not in valid:
         raise ConfigError(f"Unknown compile backend '{backend}'. Valid values are: false, true (inductor), "
                           f"{', '.join(valid)}.")
+    _probe_backend(backend)
     key = (id(model), backend)
     if key not in _COMPILED:
         _COMPILED[key] = (model, dataclasses.replace(model, net=torch.compile(model.net, backend=backend)))

@@ -25,6 +25,7 @@ The final step is the x0-prediction at t[-1] from the evaluation there (DESIGN '
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -50,6 +51,13 @@ def _check(order, method, startup):
 def _rk_steps(order, startup, steps):
     """How many of the steps - 1 intervals are Runge-Kutta start-up steps (an Euler = DDIM start suffices for r = 1)."""
     return min(order, steps - 1) if startup == "rk" and order >= 2 else 0
+
+
+@lru_cache(maxsize=32)
+def _cached_weights(schedule, t: tuple, order: int, method: str) -> tuple:
+    # keyed on the schedule object (held here, so its identity is not reused) and the grid as floats: a sweep's cell
+    # solves the same grid once per batch and pays the quadrature once (issue 17)
+    return tuple(tuple(row) for row in deis_weights(schedule, list(t), order, method))
 
 
 def deis_weights(schedule, t, order: int, method: str) -> list[list[float]]:
@@ -94,13 +102,12 @@ def deis_sample(dyn, x, t, rng=None, order: int = 2, method: str = "tab", startu
     """DEIS tAB-r / rhoAB-r (Zhang & Chen 2023, eq. 16-17, in x_hat = x/alpha): one evaluation per grid point, the
     exponential-integrator weights of the grid computed once; then x0 at t[-1]."""
     _check(order, method, startup)
-    W = deis_weights(dyn.schedule, t, order, method)
+    W = _cached_weights(dyn.schedule, tuple(torch.as_tensor(t, dtype=torch.float64).tolist()), order, method)
     V = ODEVariable(dyn, "sigma_hat")                          # state x_hat, d x_hat / d sigma_hat = eps
-    s = V.s_of_t(t).tolist()
-    y = V.to_state(x, t[0])
     n_rk = _rk_steps(order, startup, len(t))
-    pts = V.points(s)                                          # the grid's coefficients, once per solve (issue 17)
-    rk = [rk_plan(V, STARTUP_TABLEAU[order + 1], s[i:i + 2])[0] for i in range(n_rk)]
+    s, pts, g = V.grid(t)                                      # the grid's coefficients, once per solve (issue 17)
+    y = V.start(x, g)
+    rk = rk_plan(V, STARTUP_TABLEAU[order + 1], s[:n_rk + 1], grid=pts[:n_rk + 1]) if n_rk else []
     hist = []                                                  # eps at t_i, t_{i-1}, ... (newest first)
     for i in range(len(t) - 1):
         eps, _ = V.deriv(pts[i], y)
@@ -110,7 +117,7 @@ def deis_sample(dyn, x, t, rng=None, order: int = 2, method: str = "tab", startu
             continue
         y = _axpy(y, enumerate(W[i]), hist)                    # x_hat_i + sum_j W_ij eps_{i-j}
     _, eps = V.deriv(pts[-1], y)
-    return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
+    return V.end(y, eps, g)
 
 
 def _nfe(steps, order=2, method="tab", startup="lower", **_):

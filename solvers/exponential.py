@@ -16,8 +16,9 @@ import torch
 
 from bench.models.errors import ConfigError
 from bench.solvers.knobs import check_choice
-from bench.solvers.lincomb import Lin, combine
+from bench.solvers.lincomb import Lin, cached_weights, combine
 from bench.solvers.registry import register_solver
+from bench.solvers.variables import grid_floats
 
 LOWER_ORDER_FINAL_BELOW = 15     # as diffusers: lower_order_final acts when steps < 15
 D2_SCALE = {"taylor": 2.0, "dpm_solver_code": 1.0}   # DPM-Solver++(3M): weight of D2 (see pp_multistep_update)
@@ -29,17 +30,17 @@ class _Grid:
 
     def __init__(self, schedule, t):
         self.sch, self.t = schedule, t
-        self.tf = torch.as_tensor(t, dtype=torch.float64).tolist()       # the grid as floats: dyn.eps's fast path
-        self.lam = schedule.lambda_(t).tolist()
-        self.alpha, self.sigma = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
+        # the grid as floats (dyn.eps's fast path), with lambda, alpha, sigma from one schedule evaluation
+        self.tf, self.alpha, self.sigma, self.lam, self.sig_hat = grid_floats(schedule, t)
+        self.key = (*self.tf, *self.alpha, *self.sigma, *self.lam)     # what per-step weights depend on (cached_weights)
         self._at = {}
 
     def prepare(self, lams):
         """Evaluate the schedule at the intermediate log-SNRs `lams` of a whole solve in one call (for `at`)."""
         lams = [lam for lam in dict.fromkeys(lams) if lam not in self._at]
         if lams:
-            t = self.sch.t_of_lambda(torch.tensor(lams, dtype=torch.float64))
-            for lam, ti, a, s in zip(lams, t.tolist(), self.sch.alpha(t).tolist(), self.sch.sigma(t).tolist()):
+            f = grid_floats(self.sch, self.sch.t_of_lambda(torch.tensor(lams, dtype=torch.float64)))
+            for lam, ti, a, s in zip(lams, f.t, f.alpha, f.sigma):
                 self._at[lam] = (ti, a, s)
 
     def at(self, lam):
@@ -149,7 +150,7 @@ def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False, o
     g.prepare([g.lam[i] + r * (g.lam[i + 1] - g.lam[i]) for i, k in enumerate(alloc) for r in DPM_STAGES[k]])
     for i, k in enumerate(alloc):
         x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, g.tf[i]))
-    return dyn.x0(x, t[-1]) if final == "x0" else x
+    return g.x0(dyn, x, n_int) if final == "x0" else x
 
 
 def _dpm_nfe(steps, order=3, fast=False, orders=None, fast_nfe=None, final="x0", **_):
@@ -243,15 +244,16 @@ def dpm_solver_pp_sample(dyn, x, t, rng=None, order: int = 2, method: str = "mul
         for i in range(n - 1):
             x0_s = g.x0(dyn, x, i)
             x = pp_singlestep2_update(dyn, g, x, i, x0_s) if order == 2 else combine(W[i], (x, x0_s))
-        return dyn.x0(x, t[-1])
+        return g.x0(dyn, x, n - 1)
     # each step's weights on x and the x0 history, from the update formula run on symbols once per solve (issue 17)
-    W = [pp_multistep_update(g, Lin(0), i, [Lin(1), Lin(2), Lin(3)], multistep_order(order, i, n, lower_order_final),
-                             d2).terms((0,)) for i in range(n - 1)]
+    W = cached_weights((pp_multistep_update, g.key, order, lower_order_final, d2), lambda: [
+        pp_multistep_update(g, Lin(0), i, [Lin(1), Lin(2), Lin(3)], multistep_order(order, i, n, lower_order_final),
+                            d2).terms((0,)) for i in range(n - 1)])
     hist = []
     for i in range(n - 1):
         hist = [g.x0(dyn, x, i)] + hist[:2]
         x = combine(W[i], (x, *hist))
-    return dyn.x0(x, t[-1])
+    return g.x0(dyn, x, n - 1)
 
 
 def _pp_nfe(steps, order=2, method="multistep", lower_order_final=True, d2="dpm_solver_code", **_):

@@ -53,9 +53,8 @@ def ipndm_v_sample(dyn, x, t, rng=None, order: int = 4):
     """Variable-step iPNDM of order `order` in sigma_hat (warm-up with lower orders); then x0 at t[-1]."""
     check_choice("ipndm_v", "order", order, ORDERS)
     V = ODEVariable(dyn, "sigma_hat")
-    s = V.s_of_t(t).tolist()
-    y = V.to_state(x, t[0])
-    pts = V.points(s)                                          # the grid's coefficients, once per solve (issue 17)
+    s, pts, g = V.grid(t)                                      # the grid's coefficients, once per solve (issue 17)
+    y = V.start(x, g)
     hw = []                                                    # step n's weights h_n w_j (newest first)
     for n in range(len(t) - 1):
         h = [s[n + 1 - j] - s[n - j] for j in range(min(order, n + 1))]
@@ -66,7 +65,7 @@ def ipndm_v_sample(dyn, x, t, rng=None, order: int = 4):
         hist = [d] + hist[:order - 1]
         y = _axpy(y, hw[n], hist)
     _, eps = V.deriv(pts[-1], y)
-    return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
+    return V.end(y, eps, g)
 
 
 def _nfe(steps, order=4, **_):

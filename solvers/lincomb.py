@@ -35,8 +35,13 @@ class Lin:
     def __neg__(self):
         return Lin({k: -v for k, v in self.c.items()})
 
-    def __sub__(self, o):
-        return self + (-o)
+    def __sub__(self, o):                    # self + (-o) without the intermediate
+        if not isinstance(o, Lin):
+            return self + (-o)
+        c = dict(self.c)
+        for k, v in o.c.items():
+            c[k] = c.get(k, 0.0) - v
+        return Lin(c)
 
     def __rsub__(self, o):
         return (-self) + o
@@ -73,3 +78,40 @@ def combine(terms, vals):
     for k, c in rest:
         out.add_(vals[k], alpha=c)
     return out
+
+
+def solve_small(A, b) -> list[float]:
+    """x with A x = b for a small dense system given as lists of Python floats (Gaussian elimination with partial
+    pivoting, Golub & Van Loan, Alg. 3.4.1): the per-step UniPC and SA-Solver weights of a grid without a numpy or
+    torch call per step (issue 17)."""
+    n = len(b)
+    M = [list(map(float, row)) + [float(bi)] for row, bi in zip(A, b)]
+    for k in range(n):
+        p = max(range(k, n), key=lambda r: abs(M[r][k]))
+        M[k], M[p] = M[p], M[k]
+        piv = M[k][k]
+        for r in range(k + 1, n):
+            f = M[r][k] / piv
+            if f != 0.0:
+                Mr, Mk = M[r], M[k]
+                for c in range(k, n + 1):
+                    Mr[c] -= f * Mk[c]
+    x = [0.0] * n
+    for k in range(n - 1, -1, -1):
+        x[k] = (M[k][n] - sum(M[k][c] * x[c] for c in range(k + 1, n))) / M[k][k]
+    return x
+
+
+_WEIGHTS: dict = {}
+WEIGHTS_MAX = 64             # grids whose weights are kept (a sweep's cell solves one grid once per batch)
+
+
+def cached_weights(key, build):
+    """build(), memoised on key (hashable: the update function, the grid's floats and the knobs, so the weights are a
+    pure function of it): the symbolic run of the update formulas is paid once per grid, not once per batch."""
+    w = _WEIGHTS.get(key)
+    if w is None:
+        if len(_WEIGHTS) >= WEIGHTS_MAX:
+            _WEIGHTS.pop(next(iter(_WEIGHTS)))
+        w = _WEIGHTS[key] = build()
+    return w

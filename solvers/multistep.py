@@ -40,25 +40,29 @@ IPNDM_COEFFS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
 
 @lru_cache(maxsize=None)
 def _gauss_legendre_01(k):
+    """Gauss-Legendre nodes and weights on [0, 1] as Python floats."""
     xg, wg = np.polynomial.legendre.leggauss(k)
-    return (xg + 1) / 2, wg / 2
+    return tuple(((xg + 1) / 2).tolist()), tuple((wg / 2).tolist())
 
 
 def ab_coefficients(s_hist, s_next):
     """Weights w_j with  int_{s_n}^{s_next} p(s) ds = h * sum_j w_j f_j,  p interpolating (s_hist[j], f_j),
-    s_hist newest first (variable-step Adams-Bashforth)."""
-    s_hist = np.asarray(s_hist, dtype=np.float64)
-    h = s_next - s_hist[0]
-    z = (s_hist - s_hist[0]) / h                      # nodes in units of the step: 0, -r1, ...
+    s_hist newest first (variable-step Adams-Bashforth).  Plain Python floats: k <= 4 nodes, no array calls."""
+    s_hist = [float(v) for v in s_hist]
+    h = float(s_next) - s_hist[0]
+    z = [(v - s_hist[0]) / h for v in s_hist]         # nodes in units of the step: 0, -r1, ...
     k = len(z)
     xg, wg = _gauss_legendre_01(max(k, 1))            # Gauss-Legendre on [0, 1], exact to degree 2k-1
-    w = np.empty(k)
+    w = []
     for j in range(k):
-        lj = np.ones_like(xg)
-        for m in range(k):
-            if m != j:
-                lj *= (xg - z[m]) / (z[j] - z[m])
-        w[j] = (wg * lj).sum()
+        total = 0.0
+        for x, wx in zip(xg, wg):
+            lj = wx
+            for m in range(k):
+                if m != j:
+                    lj *= (x - z[m]) / (z[j] - z[m])
+            total += lj
+        w.append(total)
     return w
 
 
@@ -81,13 +85,12 @@ def ab_sample(dyn, x, t, rng=None, order: int = 2, ipndm: bool = False, variable
     """Adams-Bashforth order k (variable-step), or iPNDM (fixed-step coefficients); start-up as `startup` says."""
     _check(order, ipndm, startup, variable)
     V = ODEVariable(dyn, variable)
-    s = V.s_of_t(t).tolist()
-    y = V.to_state(x, t[0])
     n_rk = _startup_steps(order, startup, len(t), ipndm)
     # what depends on the grid only, once per solve (issue 17): the points where the derivative is evaluated, the
     # start-up steps' Runge-Kutta plans, and each Adams step's weights h w_j
-    pts = V.points(s)
-    rk = [rk_plan(V, STARTUP_TABLEAU[order], s[n:n + 2])[0] for n in range(n_rk)]
+    s, pts, g = V.grid(t)
+    y = V.start(x, g)
+    rk = rk_plan(V, STARTUP_TABLEAU[order], s[:n_rk + 1], grid=pts[:n_rk + 1]) if n_rk else []
     hw = [None] * n_rk
     for n in range(n_rk, len(t) - 1):
         k, h = min(order, n + 1), s[n + 1] - s[n]
@@ -102,7 +105,7 @@ def ab_sample(dyn, x, t, rng=None, order: int = 2, ipndm: bool = False, variable
             continue
         y = _axpy(y, enumerate(hw[n]), hist)             # y + sum_j h w_j f_{n-j}
     _, eps = V.deriv(pts[-1], y)
-    return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
+    return V.end(y, eps, g)
 
 
 def _nfe(steps, order=2, ipndm=False, startup="lower", variable="sigma_hat", **_):

@@ -23,14 +23,21 @@ TABLEAUS = {
 }
 
 
-def rk_plan(V, tableau: str, s, dtype=None):
+def rk_plan(V, tableau: str, s, dtype=None, grid=None):
     """Everything of the steps of `tableau` on the grid s (variable values) that does not depend on the state: per
     step, the stages' GridPoints at s_n + c_i h and the weights h a_ij, h b_i as Python floats, computed once per
-    solve (issue 17).  (dtype is unused: scalar coefficients take the state's dtype in each op.)"""
+    solve (issue 17).  grid: the GridPoints of s when the caller has them (ODEVariable.grid): stages at c = 0 and
+    c = 1 are then those points, and only the others are evaluated, in one call.  (dtype is unused: scalar
+    coefficients take the state's dtype in each op.)"""
     A, b, c, _ = TABLEAUS[tableau]
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).tolist()
     h = [s1 - s0 for s0, s1 in zip(s[:-1], s[1:])]
-    pts = V.points([s[n] + ci * h[n] for n in range(len(h)) for ci in c])         # (steps * stages)
+    if grid is None:
+        pts = V.points([s[n] + ci * h[n] for n in range(len(h)) for ci in c])     # (steps * stages)
+    else:
+        inner = iter(V.points([s[n] + ci * h[n] for n in range(len(h)) for ci in c if ci not in (0.0, 1.0)]))
+        pts = [grid[n] if ci == 0.0 else grid[n + 1] if ci == 1.0 else next(inner)
+               for n in range(len(h)) for ci in c]
     plan = []
     for n, hn in enumerate(h):
         a = [[(j, hn * A[i][j]) for j in range(i) if A[i][j] != 0.0] for i in range(len(b))]
@@ -68,13 +75,13 @@ def rk_step(V, tableau: str, s_n, s_next, y, k0=None):
 
 def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat"):
     V = ODEVariable(dyn, variable)
-    s = V.s_of_t(t)
-    y = V.to_state(x, t[0])
-    plan = rk_plan(V, tableau, s)
+    s, pts, g = V.grid(t)                      # one schedule evaluation on the grid (issue 17)
+    y = V.start(x, g)
+    plan = rk_plan(V, tableau, s, grid=pts)
     for step in plan:
         y = rk_apply(V, step, y)
-    _, eps = V.deriv(V.points(s[-1:])[0], y)
-    return dyn.x0(V.to_x(y, t[-1]), t[-1], eps=eps)
+    _, eps = V.deriv(pts[-1], y)
+    return V.end(y, eps, g)
 
 
 def _register_rk(name: str):

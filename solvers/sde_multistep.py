@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from bench.models.errors import ConfigError
 from bench.solvers.exponential import D2_SCALE, _Grid, multistep_order
 from bench.solvers.knobs import check_choice
-from bench.solvers.lincomb import Lin, combine
+from bench.solvers.lincomb import Lin, cached_weights, combine, solve_small
 from bench.solvers.registry import register_solver
 
 
@@ -92,14 +90,15 @@ def dpm_solver_pp_sde(dyn, x, t, rng, order: int = 2, eta: float = 1.0, solver_t
     n = len(t)
     # each step's weights on x (symbol 0), the x0 history (1, 2, 3) and the increment z (-1): the update run on symbols
     # once per solve (issue 17)
-    W = [pp_sde_update(g, Lin(0), i, [Lin(1), Lin(2), Lin(3)], multistep_order(order, i, n, lower_order_final), eta,
-                       solver_type, d2, Lin(-1) if eta > 0 else None).terms((0,)) for i in range(n - 1)]
+    W = cached_weights((pp_sde_update, g.key, order, eta, solver_type, d2, lower_order_final), lambda: [
+        pp_sde_update(g, Lin(0), i, [Lin(1), Lin(2), Lin(3)], multistep_order(order, i, n, lower_order_final), eta,
+                      solver_type, d2, Lin(-1) if eta > 0 else None).terms((0,)) for i in range(n - 1)])
     hist = []
     for i in range(n - 1):
         hist = [g.x0(dyn, x, i)] + hist[:2]
         z = rng.increment(x, t[i], t[i + 1]) if eta > 0 else None
         x = combine(W[i], (x, *hist, z))
-    return dyn.x0(x, t[-1])
+    return g.x0(dyn, x, n - 1)
 
 
 def _pp_sde_nfe(steps, order=2, eta=1.0, solver_type="midpoint", d2="dpm_solver_code", lower_order_final=True, **_):
@@ -144,8 +143,7 @@ def sa_weights(nodes, H, order2="sa_solver_code"):
     J = exp_moments(H, len(nodes))
     if len(nodes) == 2 and order2 == "sa_solver_code":
         J[1] = 0.5 * H
-    V = torch.tensor([[v ** k for v in nodes] for k in range(len(nodes))], dtype=torch.float64)
-    return torch.linalg.solve(V, torch.tensor(J, dtype=torch.float64)).tolist()
+    return solve_small([[v ** k for v in nodes] for k in range(len(nodes))], J)     # Vandermonde system, k <= 4
 
 
 def sa_update(g, x, i, lams, x0s, tau, z=None, order2="sa_solver_code"):
@@ -182,20 +180,24 @@ def sa_solver(dyn, x, t, rng, predictor_order: int = 3, corrector_order: int = 4
     min(c, i + 2).  tau applies on steps starting at sigma_hat in [tau_sigma_min, tau_sigma_max], else 0."""
     _check_sa(predictor_order, corrector_order, tau, tau_sigma_min, tau_sigma_max, order2)
     g = _Grid(dyn.schedule, t)
-    sig = dyn.schedule.sigma_hat(t).tolist()
+    sig = g.sig_hat
     n = len(t)
     keep = max(predictor_order, corrector_order - 1, 1)
     # each step's weights on x (symbol 0), the increment z (1), the new x0 (2) and the x0 history (3, 4, ...): the
     # updates run on symbols once per solve (issue 17)
     X, Z, NEW, M = Lin(0), Lin(1), Lin(2), [Lin(3 + j) for j in range(keep)]
     taus = [float(tau) if tau_sigma_min <= sig[i] <= tau_sigma_max else 0.0 for i in range(n - 1)]
-    P, C = [], []
-    for i in range(n - 1):
-        kp, kc = min(predictor_order, i + 1), min(corrector_order, i + 2)
-        z = Z if taus[i] > 0 else None
-        P.append(sa_update(g, X, i, g.lam[i::-1][:kp], M[:kp], taus[i], z, order2).terms((0,)))
-        C.append(sa_update(g, X, i, g.lam[i + 1::-1][:kc], [NEW] + M[:kc - 1], taus[i], z, order2).terms((0,))
-                 if kc > 0 and i < n - 2 else None)
+
+    def build():
+        P, C = [], []
+        for i in range(n - 1):
+            kp, kc = min(predictor_order, i + 1), min(corrector_order, i + 2)
+            z = Z if taus[i] > 0 else None
+            P.append(sa_update(g, X, i, g.lam[i::-1][:kp], M[:kp], taus[i], z, order2).terms((0,)))
+            C.append(sa_update(g, X, i, g.lam[i + 1::-1][:kc], [NEW] + M[:kc - 1], taus[i], z, order2).terms((0,))
+                     if kc > 0 and i < n - 2 else None)
+        return P, C
+    P, C = cached_weights((sa_update, sa_weights, g.key, predictor_order, corrector_order, tuple(taus), order2), build)
     hist = [g.x0(dyn, x, 0)]                                  # newest first, at lambda_i, lambda_{i-1}, ...
     for i in range(n - 1):
         z = rng.increment(x, t[i], t[i + 1]) if taus[i] > 0 else None

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from bench.solvers.exponential import _Grid
 from bench.solvers.knobs import check_choice
-from bench.solvers.lincomb import Lin, combine
+from bench.solvers.lincomb import Lin, cached_weights, combine, solve_small
 from bench.solvers.registry import register_solver
 
 VARIANTS = ("bh1", "bh2")
@@ -33,7 +31,7 @@ def _rho_system(rks, h, order, variant):
         b.append(h_phi_k * fact / B_h)
         fact *= i + 1
         h_phi_k = h_phi_k / hh - 1 / fact
-    return np.array(R, dtype=np.float64), np.array(b, dtype=np.float64), B_h
+    return R, b, B_h
 
 
 def unipc_coefficients(g, i, order, variant, corrector=True):
@@ -46,8 +44,8 @@ def unipc_coefficients(g, i, order, variant, corrector=True):
     _, a_t, s_t = g.point(i + 1)
     rks = [(g.lam[i - j] - lam_s0) / h for j in range(1, order)]
     R, b, B_h = _rho_system(rks + [1.0], h, order, variant)
-    pred = [] if order == 1 else [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-    corr = None if not corrector else [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
+    pred = [] if order == 1 else [0.5] if order == 2 else solve_small([r[:-1] for r in R[:-1]], b[:-1])
+    corr = None if not corrector else [0.5] if order == 1 else solve_small(R, b)
     return s_t / s_s0, a_t * math.expm1(-h), a_t * B_h, rks, pred, corr
 
 
@@ -73,19 +71,25 @@ def _check(order, variant, lower_order_final):
     check_choice("unipc", "lower_order_final", lower_order_final, (True, False))
 
 
+def _unipc_weights(g, n, order, variant, lower_order_final):
+    ks = [min(order, i + 1, 2 if lower_order_final and i == n - 2 else order) for i in range(n - 1)]
+    coefs = [unipc_coefficients(g, i, k, variant, corrector=i < n - 2) for i, k in enumerate(ks)]
+    # each step's weights on x (symbol 0), the x0 history (1, 2, ...) and the new x0 (-1): the updates run on symbols
+    # once per grid (issue 17); no corrector after the last step
+    X, M, NEW = Lin(0), [Lin(j + 1) for j in range(order)], Lin(-1)
+    P = [unipc_update(g, X, i, M, k, variant, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))]
+    C = [unipc_update(g, X, i, M, k, variant, m_new=NEW, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))
+         if i < n - 2]
+    return P, C
+
+
 def unipc_sample(dyn, x, t, rng=None, order: int = 2, variant: str = "bh2", lower_order_final: bool = True):
     """UniPC-p: x_{i+1} = UniP(x_i), m_{i+1} = x0(x_{i+1}) (one NFE), x_{i+1} <- UniC(x_i, m_{i+1}); x0 at t[-1]."""
     _check(order, variant, lower_order_final)
     g = _Grid(dyn.schedule, t)
     n = len(t)
-    ks = [min(order, i + 1, 2 if lower_order_final and i == n - 2 else order) for i in range(n - 1)]
-    coefs = [unipc_coefficients(g, i, k, variant, corrector=i < n - 2) for i, k in enumerate(ks)]
-    # each step's weights on x (symbol 0), the x0 history (1, 2, ...) and the new x0 (-1): the updates run on symbols
-    # once per solve (issue 17); no corrector after the last step
-    X, M, NEW = Lin(0), [Lin(j + 1) for j in range(order)], Lin(-1)
-    P = [unipc_update(g, X, i, M, k, variant, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))]
-    C = [unipc_update(g, X, i, M, k, variant, m_new=NEW, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))
-         if i < n - 2]
+    P, C = cached_weights((unipc_update, unipc_coefficients, g.key, order, variant, lower_order_final),
+                          lambda: _unipc_weights(g, n, order, variant, lower_order_final))
     hist = [g.x0(dyn, x, 0)]
     for i in range(n - 1):
         x_pred = combine(P[i], (x, *hist))

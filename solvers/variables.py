@@ -41,6 +41,8 @@ class ODEVariable:
         the schedule in one call and as Python floats, so a solver computes it once per grid (issue 17) and its step
         loop does tensor arithmetic only, with scalar coefficients."""
         s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
+        if not len(s):
+            return []
         t = self.t_of_s(s)
         none = [None] * len(t)
         alpha = floats(self.sch.alpha(t), t) if self.name == "sigma_hat" else none
@@ -48,6 +50,26 @@ class ODEVariable:
         c = floats(self.sch.g2(t) / (2 * self.sch.sigma(t)), t) if self.name != "sigma_hat" else none
         dlam = floats(self.sch.d_lambda(t), t) if self.name == "lambda" else none
         return [GridPoint(*p) for p in zip(s.tolist(), t.tolist(), alpha, f, c, dlam)]
+
+    def grid(self, t):
+        """The solve's set-up from one evaluation of the schedule on the grid t (issue 17): (s, pts, g) with s the
+        variable's values, pts their GridPoints, and g = grid_floats(schedule, t), which also gives to_state's and the
+        final x0's alpha and sigma.  In sigma_hat the grid's GridPoints need no t(s) round trip: s = sigma_hat(t)."""
+        g = grid_floats(self.sch, t)
+        if self.name != "sigma_hat":
+            s = self.s_of_t(torch.as_tensor(t, dtype=torch.float64)).tolist()
+            return s, self.points(s), g
+        return g.sigma_hat, [GridPoint(si, ti, ai, None, None, None) for si, ti, ai in zip(g.sigma_hat, g.t, g.alpha)], g
+
+    def start(self, x, g):
+        """to_state(x, t[0]) with alpha(t[0]) from grid_floats."""
+        return x.div(g.alpha[0]) if self.name == "sigma_hat" else x
+
+    def end(self, y, eps, g):
+        """The final x0-prediction at t[-1] (DESIGN 'final step') from the state y there and the evaluation eps, with
+        the grid's floats: Dynamics.x0_at(to_x(y, t[-1]), ...)."""
+        x = y.mul(g.alpha[-1]) if self.name == "sigma_hat" else y
+        return self.dyn.x0_at(x, g.t[-1], g.alpha[-1], g.sigma[-1], eps)
 
     def deriv(self, s, y):
         """(dy/ds, eps) at variable value s (a number, or a GridPoint from `points`); one network evaluation."""
@@ -74,6 +96,25 @@ def floats(v, t) -> list[float]:
     """A schedule quantity evaluated on the grid tensor t, as Python floats (float64, exact; t is a host tensor, so
     this is no device synchronisation), broadcast to t's length for a schedule that returns a constant."""
     return torch.as_tensor(v, dtype=torch.float64).expand(t.shape).tolist()
+
+
+class GridFloats(NamedTuple):
+    t: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    lam: list[float]             # lambda = log(alpha/sigma)
+    sigma_hat: list[float]       # sigma/alpha = exp(-lambda)
+
+
+def grid_floats(sch, t) -> GridFloats:
+    """t, alpha, sigma, lambda and sigma_hat at the times t as Python floats, from one log_alpha and one log_sigma call
+    of the schedule on the whole tensor and one .tolist() (issue 17); the same formulas as NoiseSchedule.alpha, sigma,
+    lambda_ and sigma_hat (alpha = exp(log alpha), lambda = log alpha - log sigma, sigma_hat = exp(-lambda))."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    la, ls = sch.log_alpha(t), sch.log_sigma(t)
+    la, ls = torch.as_tensor(la, dtype=torch.float64).expand(t.shape), torch.as_tensor(ls, dtype=torch.float64).expand(t.shape)
+    lam = la - ls
+    return GridFloats(*torch.stack([t, la.exp(), ls.exp(), lam, (-lam).exp()]).tolist())
 
 
 class GridPoint(NamedTuple):

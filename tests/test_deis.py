@@ -194,6 +194,9 @@ class _NoDenoise:
     def x0(self, x, t, eps=None):
         return x
 
+    def x0_at(self, x, t, alpha, sigma, eps=None):
+        return x
+
 
 @pytest.mark.slow                                   # importing diffusers takes seconds
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

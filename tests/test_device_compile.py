@@ -32,6 +32,20 @@ def test_unknown_compile_backend_is_an_error():
 
 
 @pytest.mark.slow
+def test_a_backend_that_cannot_compile_here_is_a_config_error_before_any_work(monkeypatch):
+    # as inductor without a C++ compiler: torch.compile succeeds lazily and the first call raises
+    import bench.models.netio as netio
+
+    def broken(fn, backend=None):
+        def call(*a):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+    monkeypatch.setattr(netio, "_BACKENDS_OK", set())
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ConfigError, match="backend 'eager'.*does not work here.*InvalidCxxCompiler.*compile=false"):
+        compile_model(load_model(TOY2D), "eager")
+
+
 def test_multirun_loads_the_weights_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "bench", "run", "-m", "model=toy2d", "solver=euler,heun", "nfe=6",

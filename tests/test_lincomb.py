@@ -58,3 +58,63 @@ def test_sa_update(setup):
 def test_lin_refuses_a_product_of_tensors():
     with pytest.raises(TypeError):
         Lin(0) * Lin(1)
+
+
+# ---- per-solve set-up without array calls, and its per-grid caches (issue 17, brief D)
+
+def test_solve_small_matches_lapack_on_vandermonde_systems():
+    from bench.solvers.lincomb import solve_small
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 2, 3, 4):
+        nodes = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1.5).tolist()   # SA-Solver-like nodes
+        A = [[v ** k for v in nodes] for k in range(n)]
+        b = torch.randn(n, generator=gen, dtype=torch.float64)
+        ref = torch.linalg.solve(torch.tensor(A, dtype=torch.float64), b)
+        torch.testing.assert_close(torch.tensor(solve_small(A, b.tolist()), dtype=torch.float64), ref,
+                                   rtol=1e-12, atol=1e-12)
+    # a zero leading entry needs the pivot swap
+    assert solve_small([[0.0, 1.0], [2.0, 0.0]], [3.0, 4.0]) == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_ab_coefficients_on_uniform_steps_are_the_fixed_step_adams_bashforth_weights(k):
+    from bench.solvers.multistep import IPNDM_COEFFS, ab_coefficients
+    s_hist = [0.5 - 0.1 * j for j in range(k)]                       # newest first, equal steps h = 0.1
+    assert ab_coefficients(s_hist, 0.6) == pytest.approx(IPNDM_COEFFS[k], rel=1e-13, abs=1e-14)
+
+
+class _ToyNet:
+    """eps = tanh(x) (1 + t): independent of the schedule, so two schedules differ in the solvers' weights only."""
+
+    def __call__(self, x, t):
+        return torch.tanh(x) * (1 + t.reshape(-1, *([1] * (x.dim() - 1))))
+
+
+@pytest.mark.parametrize("name,knobs", [("dpm_solver_pp", {"order": 3}), ("unipc", {"order": 3}), ("deis", {}),
+                                        ("dpm_solver_pp_sde", {"eta": 0.0}), ("sa_solver", {"tau": 0.0})])
+def test_weights_cached_per_grid_follow_the_schedule(name, knobs):
+    """The per-grid weight caches (cached_weights, deis' _cached_weights) are keyed on the schedule too: the same time
+    grid under another schedule gets its own weights (a solve after a cache hit for the first schedule equals a solve
+    with empty caches), and a repeated solve (a cache hit) gives the same output."""
+    from bench.models.dynamics import Dynamics
+    from bench.solvers import deis, lincomb
+    from bench.solvers.registry import get_solver
+    t = torch.linspace(1.0, 1e-3, 8, dtype=torch.float64)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    a, b = VPLinear(), VPLinear(beta_max=10.0)
+
+    def solve(sch):
+        return get_solver(name).fn(Dynamics(_ToyNet(), sch), x.clone(), t, None, **knobs)
+
+    def clear():
+        lincomb._WEIGHTS.clear()
+        deis._cached_weights.cache_clear()
+
+    clear()
+    fresh_b = solve(b)
+    clear()
+    first_a = solve(a)
+    again_a, then_b = solve(a), solve(b)
+    assert torch.equal(again_a, first_a)
+    assert torch.equal(then_b, fresh_b)
+    assert float((fresh_b - first_a).abs().max()) > 1e-3          # the schedules do give other weights

@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchdiffeq import odeint
 
 from bench.metrics import Metric, MetricContext, register_metric
 from bench.metrics.cache import cached, model_fingerprint
@@ -132,6 +131,7 @@ def ode_logp(dyn, x0, t_grid, *, solver="dopri5", rtol=1e-5, atol=1e-5, variable
     if solver in TABLEAUS:
         x_T, delta = rk_integrate(rhs, state, s_grid, solver)
     else:
+        from torchdiffeq import odeint     # deferred: only an NLL computation needs torchdiffeq (issue 17 item 4)
         sol = odeint(rhs, state, s_grid[[0, -1]].to(x0.device), rtol=rtol, atol=atol, method=solver)
         x_T, delta = sol[0][-1], sol[1][-1]
     T = float(t_grid[-1])
