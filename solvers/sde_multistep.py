@@ -96,7 +96,7 @@ def dpm_solver_pp_sde(dyn, x, t, rng, order: int = 2, eta: float = 1.0, solver_t
     hist = []
     for i in range(n - 1):
         hist = [g.x0(dyn, x, i)] + hist[:2]
-        z = rng.increment(x, t[i], t[i + 1]) if eta > 0 else None
+        z = rng.increment(x, g.tf[i], g.tf[i + 1]) if eta > 0 else None
         x = combine(W[i], (x, *hist, z))
     return g.x0(dyn, x, n - 1)
 
@@ -200,7 +200,7 @@ def sa_solver(dyn, x, t, rng, predictor_order: int = 3, corrector_order: int = 4
     P, C = cached_weights((sa_update, sa_weights, g.key, predictor_order, corrector_order, tuple(taus), order2), build)
     hist = [g.x0(dyn, x, 0)]                                  # newest first, at lambda_i, lambda_{i-1}, ...
     for i in range(n - 1):
-        z = rng.increment(x, t[i], t[i + 1]) if taus[i] > 0 else None
+        z = rng.increment(x, g.tf[i], g.tf[i + 1]) if taus[i] > 0 else None
         x_pred = combine(P[i], (x, z, None, *hist))
         m_new = g.x0(dyn, x_pred, i + 1)
         if C[i] is not None:

@@ -21,19 +21,21 @@ from bench.solvers.variables import floats
 
 
 def sde_plan(sch, t):
-    """Per grid point, as Python floats once per solve (issue 17): t, f(t), g^2/sigma (the drift's eps weight) and g."""
+    """Per step n, as Python floats once per solve (issue 17): (t_n, t_{n+1}, 1 + f dt, (g^2/sigma) dt, g sqrt|dt|) at
+    t_n, dt = t_{n+1} - t_n: em_step's weights on x, eps and z."""
     g2 = sch.g2(t)
-    return (t.tolist(), floats(sch.f(t), t), floats(g2 / sch.sigma(t), t), floats(torch.sqrt(g2), t))
+    tf, f, c, g = t.tolist(), floats(sch.f(t), t), floats(g2 / sch.sigma(t), t), floats(torch.sqrt(g2), t)
+    return [(tf[n], tf[n + 1], 1.0 + f[n] * (tf[n + 1] - tf[n]), c[n] * (tf[n + 1] - tf[n]),
+             g[n] * math.sqrt(abs(tf[n + 1] - tf[n]))) for n in range(len(tf) - 1)]
 
 
-def em_step(dyn, x, plan, n, t, rng):
+def em_step(dyn, x, plan, n, rng):
     """One Euler-Maruyama step t_n -> t_{n+1} of the reverse SDE dx = [f x - g^2 score] dt + g dW-bar (Song et al. 2021,
-    eq. 6); score = -eps/sigma, so the drift is f x + (g^2/sigma) eps."""
-    tf, f, c, g = plan
-    dt = tf[n + 1] - tf[n]                                   # negative: time runs backwards
-    z = rng.increment(x, t[n], t[n + 1])
-    drift = torch.add(x.mul(f[n]), dyn.eps(x, tf[n]), alpha=c[n])
-    return x.add(drift, alpha=dt).add_(z, alpha=g[n] * math.sqrt(abs(dt)))
+    eq. 6); score = -eps/sigma, so the drift is f x + (g^2/sigma) eps and the step x (1 + f dt) + (g^2/sigma) dt eps
+    + g sqrt|dt| z (dt < 0: time runs backwards), three fused ops with sde_plan's weights."""
+    tn, tn1, cx, ce, cz = plan[n]
+    z = rng.increment(x, tn, tn1)
+    return x.mul(cx).add_(dyn.eps(x, tn), alpha=ce).add_(z, alpha=cz)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -43,7 +45,7 @@ def euler_maruyama(dyn, x, t, rng):
     """Euler-Maruyama (Kloeden & Platen 1992, ch. 9) on the reverse SDE (Song et al. 2021, eq. 6)."""
     plan = sde_plan(dyn.schedule, t)
     for n in range(len(t) - 1):
-        x = em_step(dyn, x, plan, n, t, rng)
+        x = em_step(dyn, x, plan, n, rng)
     return dyn.x0(x, t[-1])
 
 
@@ -107,19 +109,17 @@ def ancestral(dyn, x, t, rng, variant: str = "ddpm", eta: float = 1.0, variance:
     if variant == "ddpm":
         sigma_eta = alpha[1:] * ups                           # sigma_hat -> x units
         std = sigma_eta if variance == "posterior" else alpha[:-1] * torch.sqrt(sig[:-1] ** 2 - sig[1:] ** 2)
+        # c_x0 x0 + c_eps eps + c_z z with x0 = (x - sigma eps)/alpha: weights on x, eps, z
         c_x0, c_eps, c_z = alpha[1:], torch.sqrt(sigma[1:] ** 2 - sigma_eta ** 2), std
-    else:
-        c_x0, c_eps, c_z = alpha[1:], downs - sig[:-1], ups
-    tf, alpha, sigma = t.tolist(), alpha.tolist(), sigma.tolist()
-    c_x0, c_eps, c_z = c_x0.tolist(), c_eps.tolist(), c_z.tolist()     # Python floats: scalar operands of fused ops
-    for n in range(len(t) - 1):
-        eps = dyn.eps(x, tf[n])
-        z = rng.increment(x, t[n], t[n + 1])
-        if variant == "ddpm":
-            x0 = dyn.x0_at(x, tf[n], alpha[n], sigma[n], eps)
-            x = x0.mul_(c_x0[n]).add_(eps, alpha=c_eps[n]).add_(z, alpha=c_z[n])
-        else:                                                  # x_hat = x/alpha, d x_hat/d sigma_hat = eps
-            x = x.div(alpha[n]).add_(eps, alpha=c_eps[n]).add_(z, alpha=c_z[n]).mul_(c_x0[n])
+        w_x, w_eps, w_z = c_x0 / alpha[:-1], c_eps - c_x0 * sigma[:-1] / alpha[:-1], c_z
+    else:                                                      # x_hat = x/alpha, d x_hat/d sigma_hat = eps, then alpha
+        w_x, w_eps, w_z = alpha[1:] / alpha[:-1], (downs - sig[:-1]) * alpha[1:], ups * alpha[1:]
+    tf = t.tolist()
+    plan = list(zip(tf, tf[1:], w_x.tolist(), w_eps.tolist(), w_z.tolist()))   # Python floats: fused ops' scalars
+    for tn, tn1, cx, ce, cz in plan:
+        eps = dyn.eps(x, tn)
+        z = rng.increment(x, tn, tn1)
+        x = x.mul(cx).add_(eps, alpha=ce).add_(z, alpha=cz)
     return dyn.x0(x, t[-1])
 
 
@@ -175,21 +175,22 @@ PREDICTORS = ("reverse_diffusion", "euler_maruyama")
 
 
 def reverse_diffusion_plan(sch, t):
-    """Per step n, as Python floats once per solve (issue 17): (t_n, a - 1, G^2/sigma(t_n), G) for
+    """Per step n, as Python floats once per solve (issue 17): (t_n, t_{n+1}, a - 1, G^2/sigma(t_n), G) for
     reverse_diffusion_step, a = alpha(t_n)/alpha(t_{n+1}), G^2 = sigma(t_n)^2 - a^2 sigma(t_{n+1})^2."""
     alpha, sigma = sch.alpha(t), sch.sigma(t)
     a = alpha[:-1] / alpha[1:]
     G2 = sigma[:-1] ** 2 - a ** 2 * sigma[1:] ** 2
-    return list(zip(t.tolist(), (a - 1).tolist(), (G2 / sigma[:-1]).tolist(), torch.sqrt(G2).tolist()))
+    tf = t.tolist()
+    return list(zip(tf, tf[1:], (a - 1).tolist(), (G2 / sigma[:-1]).tolist(), torch.sqrt(G2).tolist()))
 
 
-def reverse_diffusion_step(dyn, x, plan, n, t, rng):
+def reverse_diffusion_step(dyn, x, plan, n, rng):
     """Reverse-diffusion predictor (Song et al. 2021, eq. 47) t_n -> t_{n+1}: x - f_i(x) + G_i^2 score + G_i z, with
     the forward step t_{n+1} -> t_n of the schedule, f_i(x) = (a - 1) x, a = alpha(t_n)/alpha(t_{n+1}),
     G_i^2 = sigma(t_n)^2 - a^2 sigma(t_{n+1})^2 (DDPM's beta_i for VP, sigma_i^2 - sigma_{i-1}^2 for VE);
     score = -eps/sigma(t_n).  plan: reverse_diffusion_plan."""
-    tn, a1, G2s, G = plan[n]
-    z = rng.increment(x, t[n], t[n + 1])
+    tn, tn1, a1, G2s, G = plan[n]
+    z = rng.increment(x, tn, tn1)
     return x.sub(x, alpha=a1).sub_(dyn.eps(x, tn), alpha=G2s).add_(z, alpha=G)
 
 
@@ -209,9 +210,11 @@ def langevin_step(dyn, x, t, rng, snr, step_size="norms", sigma=None):
     eps = dyn.eps(x, t)                                   # score = -eps / sigma
     # with q = sqrt(step / 2): x + step score + sqrt(2 step) z = x - (2 q^2 / sigma) eps + 2 q z
     if step_size == "norms":                              # q = snr ||z|| / ||score|| = snr sigma ||z|| / ||eps||
-        q = z.flatten(1).norm(dim=1).div_(eps.flatten(1).norm(dim=1)).mul_(snr * sigma)
-        q = q.reshape(-1, *([1] * (x.dim() - 1)))
-        return torch.addcmul(x, q * q, eps, value=-2.0 / sigma).addcmul_(q, z, value=2.0)
+        dims = tuple(range(1, x.dim()))                   # per sample, q shaped (batch, 1, ...) to broadcast
+        r = torch.linalg.vector_norm(z, dim=dims, keepdim=True).div_(
+            torch.linalg.vector_norm(eps, dim=dims, keepdim=True))                # q = c r, c = snr sigma
+        c = snr * sigma
+        return torch.addcmul(x, r * r, eps, value=-2.0 * c * c / sigma).addcmul_(r, z, value=2.0 * c)
     q = snr * sigma                                       # step = 2 snr^2 sigma^2
     return x.sub(eps, alpha=2 * q * q / sigma).add_(z, alpha=2 * q)
 
@@ -250,7 +253,7 @@ def pc(dyn, x, t, rng, predictor: str = "reverse_diffusion", snr: float = 0.16, 
                   else (em_step, sde_plan(sch, t)))
     tf, sigma = t.tolist(), floats(sch.sigma(t), t)
     for n in range(len(t) - 1):
-        x = step(dyn, x, plan, n, t, rng)
+        x = step(dyn, x, plan, n, rng)
         for _ in range(n_corrector):
             x = langevin_step(dyn, x, tf[n + 1], rng, snr, step_size, sigma=sigma[n + 1])
     return dyn.x0(x, t[-1])
