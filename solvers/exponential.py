@@ -61,30 +61,44 @@ class _Grid:
 DPM_STAGES = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}   # r of the intermediate points of DPM-Solver-k (dpm_solver_step)
 
 
-def dpm_solver_step(dyn, g, x, i, order, eps_s):
-    """One singlestep DPM-Solver-k update from t_i to t_{i+1} (Lu et al. 2022, eq. 3.7 for k=1 (DDIM),
-    Alg. 1 for k=2 with r1 = 1/2, Alg. 2 for k=3 with r1 = 1/3, r2 = 2/3); eps_s = eps(x, t_i)."""
+def dpm_solver_coefficients(g, i, order):
+    """The floats of one singlestep DPM-Solver-k update from t_i to t_{i+1} (dpm_solver_step): they depend on the grid
+    only, so a solve computes them once per grid before sampling (issue 17)."""
     lam_s, lam_t = g.lam[i], g.lam[i + 1]
     h = lam_t - lam_s
     _, a_s, _ = g.point(i)
     _, a_t, s_t = g.point(i + 1)
-    x_lin = x.mul(a_t / a_s).sub_(eps_s, alpha=s_t * math.expm1(h))
     if order == 1:
-        return x_lin
+        return (a_t / a_s, s_t * math.expm1(h))
     if order == 2:
         r1 = 0.5
         t1, a1, s1 = g.at(lam_s + r1 * h)
-        u1 = x.mul(a1 / a_s).sub_(eps_s, alpha=s1 * math.expm1(r1 * h))
-        return x_lin.sub_(torch.sub(dyn.eps(u1, t1), eps_s), alpha=s_t / (2 * r1) * math.expm1(h))
+        # c = s_t expm1(h) / (2 r1) = s_t expm1(h) at r1 = 1/2: eps_s drops out of x_lin - c D1 (the midpoint method)
+        return (a_t / a_s, s_t * math.expm1(h), t1, a1 / a_s, s1 * math.expm1(r1 * h))
     r1, r2 = 1 / 3, 2 / 3
     t1, a1, s1 = g.at(lam_s + r1 * h)
     t2, a2, s2 = g.at(lam_s + r2 * h)
-    u1 = x.mul(a1 / a_s).sub_(eps_s, alpha=s1 * math.expm1(r1 * h))
-    D1 = torch.sub(dyn.eps(u1, t1), eps_s)
-    u2 = (x.mul(a2 / a_s).sub_(eps_s, alpha=s2 * math.expm1(r2 * h))
-          .sub_(D1, alpha=s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1)))
-    D2 = torch.sub(dyn.eps(u2, t2), eps_s)
-    return x_lin.sub_(D2, alpha=s_t / r2 * (math.expm1(h) / h - 1))
+    c1 = s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1)
+    c2 = s_t / r2 * (math.expm1(h) / h - 1)
+    return (a_t / a_s, s_t * math.expm1(h) - c2, c2, t1, a1 / a_s, s1 * math.expm1(r1 * h),
+            t2, a2 / a_s, s2 * math.expm1(r2 * h) - c1, c1)
+
+
+def dpm_solver_step(dyn, g, x, i, order, eps_s, coef=None):
+    """One singlestep DPM-Solver-k update from t_i to t_{i+1} (Lu et al. 2022, eq. 3.7 for k=1 (DDIM),
+    Alg. 1 for k=2 with r1 = 1/2, Alg. 2 for k=3 with r1 = 1/3, r2 = 2/3); eps_s = eps(x, t_i); coef =
+    dpm_solver_coefficients(g, i, order), computed here when not given.  x_lin - c D_k with D_k = eps_k - eps_s is
+    applied as x (a_t/a_s) - (s_t expm1(h) - c) eps_s - c eps_k: the differences D_k are never formed (issue 17)."""
+    c = coef or dpm_solver_coefficients(g, i, order)
+    if order == 1:
+        return x.mul(c[0]).sub_(eps_s, alpha=c[1])
+    if order == 2:
+        ratio, e, t1, r1, e1 = c
+        return x.mul(ratio).sub_(dyn.eps(x.mul(r1).sub_(eps_s, alpha=e1), t1), alpha=e)
+    ratio, e, c2, t1, r1, e1, t2, r2, e2, c1 = c
+    u1 = x.mul(r1).sub_(eps_s, alpha=e1)
+    u2 = x.mul(r2).sub_(eps_s, alpha=e2).sub_(dyn.eps(u1, t1), alpha=c1)
+    return x.mul(ratio).sub_(eps_s, alpha=e).sub_(dyn.eps(u2, t2), alpha=c2)
 
 
 def fast_orders(intervals):
@@ -147,9 +161,14 @@ def dpm_solver_sample(dyn, x, t, rng=None, order: int = 3, fast: bool = False, o
         raise ConfigError(f"solver 'dpm_solver': the orders {alloc} need a grid of {len(alloc) + 1} points "
                           f"({len(alloc)} intervals), got {len(t)} (an explicit time list of another length?).")
     g = _Grid(dyn.schedule, t)
-    g.prepare([g.lam[i] + r * (g.lam[i + 1] - g.lam[i]) for i, k in enumerate(alloc) for r in DPM_STAGES[k]])
+
+    def coefs():
+        g.prepare([g.lam[i] + r * (g.lam[i + 1] - g.lam[i]) for i, k in enumerate(alloc) for r in DPM_STAGES[k]])
+        return [dpm_solver_coefficients(g, i, k) for i, k in enumerate(alloc)]
+    # once per grid (issue 17); the schedule is in the key, since the intermediate points lie between grid points
+    C = cached_weights((dpm_solver_coefficients, g.sch, g.key, tuple(alloc)), coefs)
     for i, k in enumerate(alloc):
-        x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, g.tf[i]))
+        x = dpm_solver_step(dyn, g, x, i, k, dyn.eps(x, g.tf[i]), C[i])
     return g.x0(dyn, x, n_int) if final == "x0" else x
 
 

@@ -18,6 +18,7 @@ first step caps every order >= 2 at 2 anyway (solvers/multistep.py, startup 'low
 from __future__ import annotations
 
 from bench.solvers.knobs import check_choice
+from bench.solvers.lincomb import cached_weights
 from bench.solvers.registry import register_solver
 from bench.solvers.rk import _axpy
 from bench.solvers.variables import ODEVariable
@@ -49,16 +50,22 @@ def ipndm_v_coefficients(h):
     return [w[0] + a4 * d3[0], w[1] + a4 * d3[1], w[2] + a4 * d3[2], a4 * d3[3]]
 
 
+def _weights(s, order):
+    """Step n's weights h_n w_j on eps at s_n, s_{n-1}, ... (newest first): a function of the sigma_hat grid only."""
+    hw = []
+    for n in range(len(s) - 1):
+        h = [s[n + 1 - j] - s[n - j] for j in range(min(order, n + 1))]
+        hw.append([(j, h[0] * wj) for j, wj in enumerate(ipndm_v_coefficients(h))])
+    return hw
+
+
 def ipndm_v_sample(dyn, x, t, rng=None, order: int = 4):
     """Variable-step iPNDM of order `order` in sigma_hat (warm-up with lower orders); then x0 at t[-1]."""
     check_choice("ipndm_v", "order", order, ORDERS)
     V = ODEVariable(dyn, "sigma_hat")
     s, pts, g = V.grid(t)                                      # the grid's coefficients, once per solve (issue 17)
     y = V.start(x, g)
-    hw = []                                                    # step n's weights h_n w_j (newest first)
-    for n in range(len(t) - 1):
-        h = [s[n + 1 - j] - s[n - j] for j in range(min(order, n + 1))]
-        hw.append([(j, h[0] * wj) for j, wj in enumerate(ipndm_v_coefficients(h))])
+    hw = cached_weights((ipndm_v_coefficients, tuple(s), order), lambda: _weights(s, order))   # once per grid
     hist = []                                                  # eps at s_n, s_{n-1}, ... (newest first)
     for n in range(len(t) - 1):
         d, _ = V.deriv(pts[n], y)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.solvers.lincomb import cached_weights
 from bench.solvers.registry import register_solver
 from bench.solvers.variables import ODEVariable
 
@@ -77,7 +78,8 @@ def rk_sample(dyn, x, t, rng=None, *, tableau: str, variable: str = "sigma_hat")
     V = ODEVariable(dyn, variable)
     s, pts, g = V.grid(t)                      # one schedule evaluation on the grid (issue 17)
     y = V.start(x, g)
-    plan = rk_plan(V, tableau, s, grid=pts)
+    # the plan of a grid is kept (issue 17): its stage points are a schedule evaluation between the grid points
+    plan = cached_weights((rk_plan, V.sch, variable, tableau, tuple(s)), lambda: rk_plan(V, tableau, s, grid=pts))
     for step in plan:
         y = rk_apply(V, step, y)
     _, eps = V.deriv(pts[-1], y)

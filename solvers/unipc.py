@@ -74,31 +74,42 @@ def _check(order, variant, lower_order_final):
 def _unipc_weights(g, n, order, variant, lower_order_final):
     ks = [min(order, i + 1, 2 if lower_order_final and i == n - 2 else order) for i in range(n - 1)]
     coefs = [unipc_coefficients(g, i, k, variant, corrector=i < n - 2) for i, k in enumerate(ks)]
-    # each step's weights on x (symbol 0), the x0 history (1, 2, ...) and the new x0 (-1): the updates run on symbols
-    # once per grid (issue 17); no corrector after the last step
-    X, M, NEW = Lin(0), [Lin(j + 1) for j in range(order)], Lin(-1)
-    P = [unipc_update(g, X, i, M, k, variant, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))]
-    C = [unipc_update(g, X, i, M, k, variant, m_new=NEW, coef=c).terms((0,)) for i, (k, c) in enumerate(zip(ks, coefs))
-         if i < n - 2]
-    return P, C
+    # each step's weights, from the updates run on symbols once per grid (issue 17).  UniC and UniP of one step share
+    # the weight on x, so the corrected x_i = x_pred_{i-1} + (UniC - UniP)(x0s); the loop never forms it and goes from
+    # one predicted point to the next: Q_i on x_pred_{i-1} (symbol 0) and the x0s m_i, m_{i-1}, ... (1, 2, ...).
+    X, M = Lin(0), [Lin(j + 1) for j in range(order + 1)]
+    P0 = unipc_update(g, X, 0, M, ks[0], variant, coef=coefs[0]).terms((0,))
+    Q = [None]
+    for i in range(1, n - 1):
+        kp, cp = ks[i - 1], coefs[i - 1]
+        d = (unipc_update(g, X, i - 1, M[1:], kp, variant, m_new=M[0], coef=cp)
+             - unipc_update(g, X, i - 1, M[1:], kp, variant, coef=cp))
+        d.c.pop(0, None)                               # the x weights are the same float: their difference is 0
+        Q.append(unipc_update(g, X + d, i, M, ks[i], variant, coef=coefs[i]).terms((0,)))
+    # the loop holds alpha_j x0_j (x - sigma_j eps: no division per NFE), so the weight on x0_j becomes w / alpha_j
+    P0 = [(k, c if k == 0 else c / g.alpha[1 - k]) for k, c in P0]
+    Q = [None] + [[(k, c if k == 0 else c / g.alpha[i + 1 - k]) for k, c in q] for i, q in enumerate(Q) if i]
+    return P0, Q
 
 
 def unipc_sample(dyn, x, t, rng=None, order: int = 2, variant: str = "bh2", lower_order_final: bool = True):
-    """UniPC-p: x_{i+1} = UniP(x_i), m_{i+1} = x0(x_{i+1}) (one NFE), x_{i+1} <- UniC(x_i, m_{i+1}); x0 at t[-1]."""
+    """UniPC-p: x_{i+1} = UniP(x_i), m_{i+1} = x0(x_{i+1}) (one NFE), x_{i+1} <- UniC(x_i, m_{i+1}); x0 at t[-1].
+    The loop applies UniC of step i and UniP of step i + 1 as one combination (_unipc_weights)."""
     _check(order, variant, lower_order_final)
     g = _Grid(dyn.schedule, t)
     n = len(t)
-    P, C = cached_weights((unipc_update, unipc_coefficients, g.key, order, variant, lower_order_final),
-                          lambda: _unipc_weights(g, n, order, variant, lower_order_final))
-    hist = [g.x0(dyn, x, 0)]
+    P0, Q = cached_weights((unipc_update, unipc_coefficients, g.key, order, variant, lower_order_final),
+                           lambda: _unipc_weights(g, n, order, variant, lower_order_final))
+    tf, sigma = g.tf, g.sigma
+    # alpha x0 = x - sigma eps at t_i, t_{i-1}, ... (newest first): Dynamics.x0_at without its division by alpha,
+    # which the weights carry (_unipc_weights); the one division left is the output's
+    hist = [x.sub(dyn.eps(x, tf[0]), alpha=sigma[0])]
+    x_pred = combine(P0, (x, *hist))
     for i in range(n - 1):
-        x_pred = combine(P[i], (x, *hist))
-        m_new = g.x0(dyn, x_pred, i + 1)
-        if i < n - 2:
-            x_pred = combine(C[i], (x, *hist, m_new))
-        x = x_pred
-        hist = [m_new] + hist[:order - 1]
-    return hist[0]
+        if i:
+            x_pred = combine(Q[i], (x_pred, *hist))    # UniC of step i - 1, then UniP of step i
+        hist = [x_pred.sub(dyn.eps(x_pred, tf[i + 1]), alpha=sigma[i + 1])] + hist[:order]
+    return hist[0].div_(g.alpha[n - 1])
 
 
 def _nfe(steps, order=2, variant="bh2", lower_order_final=True, **_):
