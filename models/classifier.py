@@ -10,8 +10,6 @@ s grad_x lp(x, t, y) to the score (models/dynamics.py ClassifierGuided).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from bench.models.errors import ConfigError
@@ -41,18 +39,10 @@ class ClassifierLogits:
         self.net, self.n_classes, self.name = net, int(n_classes), name
         self._copies: dict = {}
 
-    def _net_for(self, x):
-        p = next(self.net.parameters(), None) if hasattr(self.net, "parameters") else None
-        if p is None or (p.dtype == x.dtype and p.device == x.device):
-            return self.net
-        key = (x.device, x.dtype)
-        if key not in self._copies:
-            with torch.inference_mode(False), torch.no_grad():
-                self._copies[key] = copy.deepcopy(self.net).to(x.device, x.dtype)
-        return self._copies[key]
-
     def __call__(self, x, t, y):
-        logits = self._net_for(x)(x, t.to(x.dtype))
+        from bench.models.netio import net_for
+
+        logits = net_for(self.net, x, self._copies)(x, t.to(x.dtype))
         return torch.log_softmax(logits, dim=1).gather(1, y.reshape(-1, 1).to(x.device)).squeeze(1)
 
 

@@ -62,6 +62,20 @@ def check_output_shape(net, shape: tuple, what: str, path=None, t=0.5):
                           f"input {tuple(x.shape)}; an eps-model must return the input's shape {tuple(x.shape)}.")
 
 
+def net_for(net, x, copies: dict):
+    """`net` itself when its weights have x's dtype and device (or it has none), else a copy of it in x's dtype and
+    device, made once and kept in `copies` (float64 references of a float32 network)."""
+    p = next(net.parameters(), None) if hasattr(net, "parameters") else None
+    if p is None or (p.dtype == x.dtype and p.device == x.device):
+        return net
+    key = (x.device, x.dtype)
+    if key not in copies:
+        import copy
+        with torch.inference_mode(False), torch.no_grad():
+            copies[key] = copy.deepcopy(net).to(x.device, x.dtype)
+    return copies[key]
+
+
 class EpsAdapter(nn.Module):
     """eps(x, t) of a trained network: maps the suite's continuous t to the network's time input, the model-space
     x to the network's data scale, and runs the network in the input's dtype and device (float64 references get
@@ -75,15 +89,7 @@ class EpsAdapter(nn.Module):
         self._copies: dict = {}
 
     def _net_for(self, x):
-        p = next(self.net.parameters(), None)
-        if p is None or (p.dtype == x.dtype and p.device == x.device):
-            return self.net
-        key = (x.device, x.dtype)
-        if key not in self._copies:
-            import copy
-            with torch.inference_mode(False), torch.no_grad():
-                self._copies[key] = copy.deepcopy(self.net).to(x.device, x.dtype)
-        return self._copies[key]
+        return net_for(self.net, x, self._copies)
 
     def _apply(self, fn, *args, **kwargs):
         self._copies = {}

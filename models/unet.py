@@ -46,6 +46,20 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def build_encoder(module: nn.Module, in_ch: int, chs: list, t_dim: int) -> int:
+    """The UNet's encoder on `module` (conv_in, then per level a ResBlock and a stride-2 downsample, none after the
+    last): shared by UNet and NoisyDigitClassifier, same parameter names.  Returns the last level's channels."""
+    module.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
+    module.down = nn.ModuleList()
+    module.downsample = nn.ModuleList()
+    c = chs[0]
+    for i, co in enumerate(chs):
+        module.down.append(ResBlock(c, co, t_dim))
+        c = co
+        module.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chs) - 1 else nn.Identity())
+    return c
+
+
 class UNet(nn.Module):
     """UNet eps-net: one ResBlock per level going down, two going up with skip connections.
 
@@ -63,14 +77,7 @@ class UNet(nn.Module):
         chs = [base * m for m in mults]
         self.time = TimeMLP(t_dim // 2, t_dim)
         self.label_emb = nn.Embedding(self.n_classes + 1, t_dim) if self.n_classes else None
-        self.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        c = chs[0]
-        for i, co in enumerate(chs):
-            self.down.append(ResBlock(c, co, t_dim))
-            c = co
-            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chs) - 1 else nn.Identity())
+        c = build_encoder(self, in_ch, chs, t_dim)
         self.mid = ResBlock(c, c, t_dim)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -151,14 +158,7 @@ class NoisyDigitClassifier(nn.Module):
         self.n_classes = int(n_classes)
         chs = [base * m for m in mults]
         self.time = TimeMLP(t_dim // 2, t_dim)
-        self.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        c = chs[0]
-        for i, co in enumerate(chs):
-            self.down.append(ResBlock(c, co, t_dim))
-            c = co
-            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chs) - 1 else nn.Identity())
+        c = build_encoder(self, in_ch, chs, t_dim)
         self.norm_out = nn.GroupNorm(8, c)
         self.head = nn.Linear(c, self.n_classes)
 
