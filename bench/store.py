@@ -238,31 +238,28 @@ def replay_journal(results_dir) -> int:
     return done
 
 
-def find_done(results_dir, key: str) -> dict | None:
-    """The finished row (status ok or diverged) of a cell, or None."""
+def _find_finished(results_dir, column: str, value: str) -> dict | None:
+    """The newest finished row (status ok or diverged) whose `column` is `value`, or None; never creates a store."""
     if not db_path(results_dir).exists():
         return None
     con = _connect(results_dir)
     try:
         con.row_factory = sqlite3.Row
-        r = con.execute("SELECT * FROM runs WHERE key = ? AND status IN ('ok', 'diverged') LIMIT 1", (key,)).fetchone()
+        r = con.execute(f"SELECT * FROM runs WHERE {column} = ? AND status IN ('ok', 'diverged') "
+                        f"ORDER BY id DESC LIMIT 1", (value,)).fetchone()
         return dict(r) if r else None
     finally:
         con.close()
+
+
+def find_done(results_dir, key: str) -> dict | None:
+    """The finished row (status ok or diverged) of a cell, or None."""
+    return _find_finished(results_dir, "key", key)
 
 
 def find_done_by_digest(results_dir, digest: str) -> dict | None:
     """The finished row recorded with this config_digest (bench.fastpath), or None."""
-    if not db_path(results_dir).exists():
-        return None
-    con = _connect(results_dir)
-    try:
-        con.row_factory = sqlite3.Row
-        r = con.execute("SELECT * FROM runs WHERE config_digest = ? AND status IN ('ok', 'diverged') "
-                        "ORDER BY id DESC LIMIT 1", (digest,)).fetchone()
-        return dict(r) if r else None
-    finally:
-        con.close()
+    return _find_finished(results_dir, "config_digest", digest)
 
 
 def record(results_dir, row: dict, force: bool = False, journal: bool = True) -> int | None:
