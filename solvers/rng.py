@@ -15,12 +15,13 @@ Python loop over per-sample generators:
 - every sample of a PerSampleRNG draws together, so one counter (stream words used so far) serves them all, and the
   n-th draw of sample i depends only on (seed, i) and the shapes drawn before it.
 The words and normals are computed with numpy on the host (uint64 arithmetic wraps as the paper's does; numpy
-was 2x faster than int64 torch ops here; a (1024, 64) draw takes 2x one torch.randn of the batch, 1/18 of the
-per-sample torch generators it replaced), in float32, then cast and moved: a
-float32 run and a float64 reference see the same z, on any device.  numpy's SIMD float32 log/cos/sin may round
-an ulp differently on another CPU type.  A position's two normals do not depend on the shape of the draw that uses
-them, so a small batch computes them ahead for several draws at once (`PerSampleRNG._refill`) and a draw is one copy
-out of that buffer: the same bits as computing each draw's positions when it is made (tests/test_rng_bits.py).
+was 2x faster than int64 torch ops here; a (1024, 64) draw takes about one torch.randn of the batch, 207 against
+221 µs in tests/bench_speed.py's test_rng_draw, 1/18 of the per-sample torch generators it replaced), in float32,
+then cast and moved: a float32 run and a float64 reference see the same z, on any device.  numpy's SIMD float32
+log/cos/sin may round an ulp differently on another CPU type.  A position's two normals do not depend on the shape
+of the draw that uses them, so a small batch computes them ahead for several draws at once (`PerSampleRNG._refill`)
+and a draw is one copy out of that buffer: the same bits as computing each draw's positions when it is made
+(tests/test_rng_bits.py).
 
 Streams of this module changed with issue 17 (they were per-sample torch generators seeded with sample_seed); the
 torch generators survive as `gens` for code that hands generators to other libraries (diffusers) or draws the
