@@ -284,10 +284,13 @@ def _shard_job(cfg: dict, k: int):
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
     idx = shard_indices(cfg["n_samples"], cfg["num_shards"], k)
     times = {}
+    cond = guidance.conditioning(cfg, model)
     x_T, x, nfes, secs = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"], cfg["seed"],
-                                  device, dtype, indices=idx, cond=guidance.conditioning(cfg, model), times=times)
+                                  device, dtype, indices=idx, cond=cond, times=times)
+    # the guided network's forwards and the classifier's evaluations per sample of each batch, as counted
+    counts = {} if cond is None else {"forwards": list(cond.forwards), "classifier_evals": list(cond.classifier_evals)}
     return {"x_T": x_T.cpu(), "samples": x.cpu(), "nfes": nfes, "seconds": secs, "indices": list(idx),
-            "setup_seconds": times["setup_s"]}
+            "setup_seconds": times["setup_s"], **counts}
 
 
 def _shard_path(cfg: dict, key: str, k: int) -> Path:
@@ -302,7 +305,8 @@ def generate_sharded(cfg: dict, key: str, device, dtype, times=None):
     """All samples of a cell from its shards: shard files already on disk (written by runs with shard_index=k,
     e.g. on other machines) are loaded, the rest generated here in `workers` processes.  Results do not
     depend on the sharding because every sample has its own generator.  `times` receives 'setup_s' (the
-    slowest shard's; shard files written before issue 17 count 0)."""
+    slowest shard's; shard files written before issue 17 count 0), and 'forwards' and 'classifier_evals', the counts
+    per batch of every shard, when every shard file has them (files written before they were recorded do not)."""
     n = cfg["num_shards"]
     parts, todo = {}, []
     for k in range(n):
@@ -333,6 +337,9 @@ def generate_sharded(cfg: dict, key: str, device, dtype, times=None):
     cat = lambda f: torch.cat([p[f] for p in parts]).to(device, dtype)  # noqa: E731
     if times is not None:
         times["setup_s"] = max(p.get("setup_seconds", 0.0) for p in parts)
+        for f in ("forwards", "classifier_evals"):
+            if all(f in p for p in parts):
+                times[f] = [v for p in parts for v in p[f]]
     return (cat("x_T"), cat("samples"), [v for p in parts for v in p["nfes"]],
             max(p["seconds"] for p in parts))
 
@@ -397,6 +404,9 @@ def run(cfg: dict, force: bool | None = None) -> dict:
             times = {}
             x_T, samples, nfes, sampling_time = generate_sharded({**cfg, "num_shards": num_shards}, key, device, dtype,
                                                                  times)
+            if cond is not None:                       # the shards' counts (absent from older shard files)
+                cond.forwards.extend(times.get("forwards", []))
+                cond.classifier_evals.extend(times.get("classifier_evals", []))
         else:
             times = {}
             x_T, samples, nfes, sampling_time = generate(model, spec, knobs, t, cfg["n_samples"], cfg["batch_size"],
@@ -414,7 +424,7 @@ def run(cfg: dict, force: bool | None = None) -> dict:
         row.update(nfe=nfe, sampling_time_s=sampling_time)
         if cond is not None:   # network forwards per sample: 2 per guided NFE (cond + uncond in one call)
             row["nfe_forwards"] = max(cond.forwards) if cond.forwards else nfe * cond.forwards_per_eval
-            if cond.classifier is not None:   # counted by ClassifierGuided (sharded runs: nfe x evals per NFE)
+            if cond.classifier is not None:   # counted by ClassifierGuided (shard files from before: nfe x per NFE)
                 row["classifier_evals"] = (max(cond.classifier_evals) if cond.classifier_evals
                                            else nfe * cond.classifier_evals_per_eval)
         bad = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)

@@ -208,3 +208,21 @@ def test_bad_classifier_knobs_record_nothing(tmp_path):
         rc, out, err = run_cli("run", *base, *over)
         assert rc != 0 and msg in err, (over, err)
         assert n_rows(tmp_path) == 0, over
+
+
+def test_sharded_runs_record_counted_forwards_and_classifier_evals(tmp_path, monkeypatch):
+    """A sharded cell records the forwards and classifier evaluations its shards counted, not NFE x the per-NFE
+    figure: with that figure made wrong on purpose, the recorded counts stay the counted ones (2 forwards per guided
+    NFE, one classifier gradient per NFE), and equal those of the same cell unsharded."""
+    from bench import guidance
+
+    base = {"n_samples": 8, "batch_size": 3, "metrics": [], "results_dir": str(tmp_path), "solver": "heun", "nfe": 10,
+            "model": {"name": "gmm", "conditional": True}, "guidance_scale": 2.0, "classifier_scale": 1.0}
+    plain = api.run_cell(**base)
+    monkeypatch.setattr(guidance.Conditioning, "forwards_per_eval", property(lambda self: 99))
+    monkeypatch.setattr(guidance.Conditioning, "classifier_evals_per_eval", property(lambda self: 99))
+    sharded = api.run_cell(**{**base, "num_shards": 3, "results_dir": str(tmp_path / "sharded")})
+    assert sharded["status"] == plain["status"] == "ok"
+    assert sharded["nfe"] == plain["nfe"] == 9
+    assert sharded["nfe_forwards"] == plain["nfe_forwards"] == 18
+    assert sharded["classifier_evals"] == plain["classifier_evals"] == 9
