@@ -46,18 +46,20 @@ class TimedNet:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def __call__(self, x, t, *cond):
-        return self.timed(self.net)(x, t, *cond)
+        return self.call(self.net, x, t, *cond)
+
+    def call(self, fn, *args):
+        """fn(*args), its wall time added to `seconds`."""
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        return out
 
     def timed(self, fn):
-        """fn with each call's wall time added to `seconds` (a classifier guidance's gradient is network time too)."""
-        def call(*args, **kwargs):
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.sync()
-            self.seconds += time.perf_counter() - t0
-            return out
-        return call
+        """fn with each call timed into `seconds` (a classifier guidance's gradient is network time too)."""
+        return lambda *args: self.call(fn, *args)
 
 
 def _case(cfg: dict, net_kind: str, device, dtype):
@@ -78,9 +80,7 @@ def _case(cfg: dict, net_kind: str, device, dtype):
 
 def time_once(case, device) -> dict:
     """One sampling run: wall seconds, seconds inside the network, counted NFE."""
-    from bench.models.dynamics import Dynamics
-
-    from bench.models.dynamics import ClassifierGuided
+    from bench.models.dynamics import ClassifierGuided, Dynamics
 
     spec, knobs, t, x_T, rng, net, schedule, cond = case
     timed = TimedNet(net, device)
