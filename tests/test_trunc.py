@@ -77,6 +77,12 @@ def test_reference_error_is_measured_and_kept_below_a_tenth(gmm_model, tmp_path,
     assert abs(out["trunc_rms"] - true_err) <= 0.1 * true_err + 1e-12
     true_ref_err = rms(chosen, exact[:16])
     assert true_ref_err / 1.5 <= out["trunc_ref_err"] <= 1.5 * true_ref_err
+    # the per-sample spread, against the same independent reference
+    r = ((x.double() - exact) ** 2).flatten(1).mean(1).sqrt()
+    assert out["trunc_median"] == pytest.approx(float(r.median()), rel=0.1)
+    assert out["trunc_worst"] == pytest.approx(float(r.max()), rel=0.1)
+    assert float(r[out["trunc_worst_index"]]) >= 0.9 * float(r.max())
+    assert out["trunc_median"] <= out["trunc_rms"] <= out["trunc_worst"]
     assert proto["rtol"] == 1e-3 and proto["ref_fraction"] == 0.1     # the policy, not the rung, is the protocol
 
 
@@ -196,3 +202,16 @@ def test_rms_standard_error_agrees_with_the_jackknife():
     se_jack = float(torch.sqrt((n - 1) / n * ((theta - theta.mean()) ** 2).sum()))
     assert r == pytest.approx(float(torch.sqrt(e.mean())), rel=1e-14)
     assert se == pytest.approx(se_jack, rel=3e-3)
+
+
+def test_per_sample_tail_columns():
+    """trunc_median, trunc_worst and trunc_worst_index from per-sample errors set by construction: sample i differs
+    from the reference by c_i in every dimension, so its RMS error per dimension is |c_i|."""
+    from bench.metrics.trunc import rms_se, rms_tail
+    c = torch.tensor([0.1, -0.3, 0.2, 5.0, 0.4], dtype=torch.float64)
+    b = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a = b + c.reshape(5, 1, 1)
+    tail = rms_tail(a.float(), b.float())
+    assert tail["trunc_median"] == pytest.approx(0.3, rel=1e-6)
+    assert tail["trunc_worst"] == pytest.approx(5.0, rel=1e-6) and tail["trunc_worst_index"] == 3
+    assert rms_se(a, b)[0] == pytest.approx(float((c ** 2).mean().sqrt()), rel=1e-12)   # one sample carries the rms

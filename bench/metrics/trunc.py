@@ -69,6 +69,16 @@ def rms_se(a, b) -> tuple[float, float]:
     return r, float(e.std() / math.sqrt(e.numel()) / (2 * r))
 
 
+def rms_tail(a, b) -> dict:
+    """The spread of the per-sample errors behind rms: with r_i = sqrt(e_i) sample i's RMS error per dimension, their
+    median, the largest and its index among the compared samples (the first n of the run: the sample index).  On a
+    trained network a few trajectories near a boundary between modes carry most of rms (README, the digits figure);
+    trunc_worst / trunc_median says how much."""
+    r = ((a.double() - b.double()) ** 2).flatten(1).mean(1).sqrt()
+    i = int(r.argmax())
+    return {"trunc_median": float(r.median()), "trunc_worst": float(r[i]), "trunc_worst_index": i}
+
+
 def fit_order(nfes, errors) -> tuple[float, float]:
     """Least-squares fit of log error = c - p log NFE over a sweep; returns (p, c).  Rows with a
     non-positive or missing error are dropped; at least two distinct NFE values are needed."""
@@ -118,6 +128,9 @@ class TruncationError(Metric):
         quality("trunc_strong_rms", "strong error of stochastic solvers (RMS, same Brownian path)", "",
                 "trunc_strong_rms_se", "ratio", "err", log=True, order=True, se_how="over samples, delta method"),
         book("trunc_strong_rms_se", "standard error of trunc_strong_rms over samples"),
+        book("trunc_median", "median over the compared samples of each sample's RMS error per dim"),
+        book("trunc_worst", "largest per-sample RMS error per dim (trunc_worst / trunc_median: how heavy the tail is)"),
+        book("trunc_worst_index", "index of the sample with trunc_worst"),
         book("trunc_ref_nfe", "NFE of the reference solve", "NFE"),
         book("trunc_ref_rtol", "rtol of the reference solve (atol scaled alike), after tightening"),
         book("trunc_ref_err", "estimated RMS error of the reference: against a 10x tighter solve of the first "
@@ -210,8 +223,8 @@ class TruncationError(Metric):
             if ref_err <= k["ref_fraction"] * err:
                 break
         limited = bool(ref_err > k["ref_fraction"] * err)
-        out = {"trunc_rms": err, "trunc_rms_se": se, "trunc_ref_nfe": ref["nfe"], "trunc_ref_rtol": rtol,
-               "trunc_ref_err": ref_err, "trunc_ref_limited": limited}
+        out = {"trunc_rms": err, "trunc_rms_se": se, **rms_tail(x, ref["x0"].to(x.device)), "trunc_ref_nfe": ref["nfe"],
+               "trunc_ref_rtol": rtol, "trunc_ref_err": ref_err, "trunc_ref_limited": limited}
         if limited:
             out["trunc_note"] = (f"limited by the reference: its estimated error {ref_err:.3g} exceeds "
                                  f"{k['ref_fraction']} x trunc_rms at rtol = {rtol:g} (min_rtol); lower "
