@@ -59,10 +59,15 @@ def rms(a, b):
     return float(torch.sqrt(((a.double() - b.double()) ** 2).mean()))
 
 
+def per_sample_mse(a, b):
+    """e_i, the mean squared error per dimension of sample i (float64), from which rms_se and rms_tail derive."""
+    return ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+
+
 def rms_se(a, b) -> tuple[float, float]:
     """RMS per dimension over samples and its standard error over samples: with e_i the mean squared error of
     sample i, rms = sqrt(mean e) and, by the delta method, se = sd(e) / sqrt(n) / (2 rms)."""
-    e = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    e = per_sample_mse(a, b)
     r = float(torch.sqrt(e.mean()))
     if e.numel() < 2 or r == 0.0:
         return r, float("nan") if e.numel() < 2 else 0.0
@@ -74,7 +79,7 @@ def rms_tail(a, b) -> dict:
     median, the largest and its index among the compared samples (the first n of the run: the sample index).  On a
     trained network a few trajectories near a boundary between modes carry most of rms (README, the digits figure);
     trunc_worst / trunc_median says how much."""
-    r = ((a.double() - b.double()) ** 2).flatten(1).mean(1).sqrt()
+    r = per_sample_mse(a, b).sqrt()
     i = int(r.argmax())
     return {"trunc_median": float(r.median()), "trunc_worst": float(r[i]), "trunc_worst_index": i}
 
