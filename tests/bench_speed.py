@@ -42,7 +42,8 @@ def test_per_step_overhead(benchmark, setup, solver):
     spec = get_solver(solver)
     t = make_timesteps(spec.default_timesteps, model.schedule, 11)
     benchmark.extra_info["steps"] = 10
-    benchmark(lambda: spec.fn(Dynamics(_Identity(), model.schedule), x_T, t, rng))
+    out = benchmark(lambda: spec.fn(Dynamics(_Identity(), model.schedule), x_T, t, rng))
+    assert out.shape == x_T.shape and bool(torch.isfinite(out).all())     # the timed call sampled
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -65,7 +66,8 @@ def test_end_to_end_sampling(benchmark, setup, solver):
 def test_network_forward(benchmark, setup):
     model, _, x_T = setup
     t = torch.full((BATCH,), 0.5)
-    benchmark(lambda: model.net(x_T, t))
+    out = benchmark(lambda: model.net(x_T, t))
+    assert out.shape == x_T.shape and bool(torch.isfinite(out).all())
 
 
 @pytest.mark.parametrize("batch", [16, 1024])
